@@ -1,0 +1,89 @@
+"""The paper's losses as pure functions of tensors: SFT cross-entropy, KL/JS consistency (eq. 9),
+masked PGD in the input-embedding space (eq. 7), random Gaussian noise (the RG ablation) and the
+modality mask that says which positions a perturbation may touch. No model code lives here.
+Read next to arXiv 2505.19616, section 4.
+"""
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # label value of every position that is not an answer token
+
+
+def sft_loss(logits, labels):
+    """Mean next-token cross-entropy over answer tokens.  logits (B, L, V), labels (B, L)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def answer_logits(logits, labels):
+    """Logits that predict each answer token, left-aligned: (B, L, V) -> (B, A, V) and a (B, A) mask.
+    A perturbation can shift positions (UF and MD prepend text), so pairs are aligned by answer order."""
+    target = labels[:, 1:] != IGNORE                        # logits at t predict the token at t + 1
+    counts = target.sum(1)
+    A = int(counts.max()) if counts.numel() else 0
+    out = logits.new_zeros(logits.shape[0], A, logits.shape[-1])
+    mask = torch.arange(A, device=labels.device)[None, :] < counts[:, None]
+    out[mask] = logits[:, :-1][target]
+    return out, mask
+
+
+def consistency(logits_orig, logits_pert, kind="js", tau=1.0, mask=None):
+    """Consistency between answer distributions of an original and a perturbed input.  (N, A, V) each.
+    kind="kl": eq. (9), KL(p || q) with p = softmax(l_orig / tau), q = softmax(l_pert / tau).
+    kind="js": 0.5 KL(p || m) + 0.5 KL(q || m), m = (p + q) / 2; symmetric and bounded by ln 2.
+    The original side is a detached target (as in the authors' code): the model is pulled towards
+    its clean answer under perturbation, never the clean answer towards the perturbed one.
+    mask (N, A) marks valid answer tokens; the value is the mean over them."""
+    logp = F.log_softmax(logits_orig.detach().float() / tau, -1)
+    logq = F.log_softmax(logits_pert.float() / tau, -1)
+    if kind == "kl":
+        per_token = (logp.exp() * (logp - logq)).sum(-1)
+    elif kind == "js":
+        logm = torch.logsumexp(torch.stack([logp, logq]), 0) - torch.log(torch.tensor(2.0))
+        per_token = 0.5 * (logp.exp() * (logp - logm)).sum(-1) + 0.5 * (logq.exp() * (logq - logm)).sum(-1)
+    else:
+        raise ValueError(f"consistency kind must be 'kl' or 'js', got {kind!r}")
+    if mask is None:
+        return per_token.mean()
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def pgd(loss_fn, embeds, mask, eps=1e-3, alpha=0.1, steps=2, sign=False, generator=None):
+    """Masked L-inf PGD in embedding space; returns delta (B, L, D), |delta| <= eps, 0 where mask is False.
+    loss_fn(delta) -> scalar to maximise; it should add delta to DETACHED embeddings, so that the
+    attack neither frees nor extends the graph of the clean pass. Only delta gets a gradient
+    (torch.autograd.grad), so parameter .grad fields are left as they were."""
+    m = mask[..., None].to(embeds.dtype)                                          # (B, L, 1)
+    noise = torch.randn(embeds.shape, generator=generator, device=embeds.device, dtype=embeds.dtype)
+    delta = (noise * eps).clamp(-eps, eps) * m                                    # init N(0, eps^2), projected
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(delta), delta)
+        step = grad.sign() if sign else grad
+        delta = ((delta.detach() + alpha * step).clamp(-eps, eps) * m).detach()  # eq. (7)
+    return delta
+
+
+def gaussian_noise(embeds, mask, sigma=0.05, generator=None):
+    """The RG ablation: delta ~ N(0, sigma^2) on the masked positions, zero elsewhere.  (B, L, D)"""
+    noise = torch.randn(embeds.shape, generator=generator, device=embeds.device, dtype=embeds.dtype)
+    return noise * sigma * mask[..., None].to(embeds.dtype)
+
+
+def modality_mask(tasks, image_mask, labels, attention_mask=None):
+    """Which positions belong to the task-irrelevant modality, (B, L) bool.
+    image_heavy: the text (never answer positions, which carry the supervision, nor padding);
+    text_heavy: the image tokens; vqa: nothing, since both modalities matter."""
+    text = ~image_mask & (labels == IGNORE)
+    if attention_mask is not None:
+        text &= attention_mask.bool()
+    rows = []
+    for task, t, i in zip(tasks, text, image_mask):
+        if task == "image_heavy":
+            rows.append(t)
+        elif task == "text_heavy":
+            rows.append(i.clone())
+        elif task == "vqa":
+            rows.append(torch.zeros_like(i))
+        else:
+            raise ValueError(f"unknown task {task!r}: expected image_heavy, text_heavy or vqa")
+    return torch.stack(rows)

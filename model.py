@@ -1,0 +1,292 @@
+"""The multimodal LLMs we fine-tune and diagnose: loading, prompt rendering, and access to the
+input embeddings that PGD perturbs. One path for LLaVA-1.5, Qwen2.5-VL and InstructBLIP; what
+differs between them lives in the FAMILIES table. `python model.py llava out/tiny-llava` writes a
+tiny random-init checkpoint of the real transformers class (what the tests and the toy world use).
+"""
+import math
+import os
+import sys
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+import perturb
+
+ALIASES = {
+    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
+    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "instructblip-vicuna-7b": "Salesforce/instructblip-vicuna-7b",
+    "instructblip-vicuna-13b": "Salesforce/instructblip-vicuna-13b",
+}
+
+SYSTEM_QWEN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+# Everything that differs between families. `prompt` wraps perturb.render(sample); `answer` is the
+# text the model is trained to emit after it (a letter; the end-of-sequence token is appended).
+# `frozen`: parameter-name prefixes kept fixed (vision encoder; InstructBLIP also its Q-Former).
+# `lm_keys`: batch entries the language path needs besides inputs_embeds; Qwen2.5-VL needs
+# input_ids, image_grid_thw and mm_token_type_ids so that its M-RoPE positions are recomputed
+# (with inputs_embeds alone it silently reuses stale rope_deltas from the previous call).
+FAMILIES = {
+    "llava": dict(
+        cls=transformers.LlavaForConditionalGeneration,
+        prompt="USER: <image>\n{} ASSISTANT:", answer=" {}",
+        frozen=("model.vision_tower.",),
+        image_keys=("pixel_values",), lm_keys=("attention_mask",), lm=None,
+        image_size=lambda ip: ip.crop_size["height"]),
+    "qwen2.5-vl": dict(
+        cls=transformers.Qwen2_5_VLForConditionalGeneration,
+        prompt=SYSTEM_QWEN + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
+        "<|im_start|>assistant\n", answer="{}",
+        frozen=("model.visual.patch_embed.", "model.visual.blocks."),  # the merger is the projector
+        image_keys=("pixel_values", "image_grid_thw"),
+        lm_keys=("attention_mask", "input_ids", "image_grid_thw", "mm_token_type_ids"), lm=None,
+        # dynamic resolution: a square of at most 448 px (256 tokens), within the processor's pixel budget
+        image_size=lambda ip: min(448, 28 * int(math.sqrt(ip.size["longest_edge"]) // 28))),
+    "instructblip": dict(
+        cls=transformers.InstructBlipForConditionalGeneration,
+        prompt="{}", answer=" {}",
+        frozen=("vision_model.", "qformer.", "query_tokens"),
+        image_keys=("pixel_values", "qformer_input_ids", "qformer_attention_mask"),
+        lm_keys=("attention_mask",), lm="language_model",  # its forward insists on pixel_values
+        image_size=lambda ip: ip.size["height"]),
+}
+MODEL_TYPES = {"llava": "llava", "qwen2_5_vl": "qwen2.5-vl", "instructblip": "instructblip"}
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "qformer_input_ids", "qformer_attention_mask")
+
+
+def family(model_or_processor):
+    return getattr(model_or_processor, "family", None) or MODEL_TYPES[model_or_processor.config.model_type]
+
+
+class QwenImageProcessor(transformers.Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without its video half: transformers' video processors need torchvision,
+    which has no build matching CPU torch here (SPEC section 6). Images are handled by the real code."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+
+def load_processor(path, fam):
+    try:
+        return transformers.AutoProcessor.from_pretrained(path)
+    except (AttributeError, ImportError, ValueError, TypeError):
+        if fam != "qwen2.5-vl":
+            raise
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        ip = transformers.AutoImageProcessor.from_pretrained(path)
+        return QwenImageProcessor(image_processor=ip, tokenizer=tok)
+
+
+def load(name_or_path, dtype=None, device=None, trust_remote_code=False):
+    """(model, processor) from a hub id, an alias of ALIASES or a local folder."""
+    path = ALIASES.get(name_or_path, name_or_path)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.model_type not in MODEL_TYPES:
+        raise ValueError(f"{path}: model type {config.model_type!r} is not one of {sorted(MODEL_TYPES)}")
+    fam = MODEL_TYPES[config.model_type]
+    model = FAMILIES[fam]["cls"].from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    processor = load_processor(path, fam)
+    model.family = processor.family = fam
+    return model.to(device) if device is not None else model, processor
+
+
+def image_size(processor):
+    """Side of the square the family's vision encoder sees: canvases and random pixels are drawn at it."""
+    return FAMILIES[family(processor)]["image_size"](processor.image_processor)
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_ids(processor, letter):
+    """Token ids of the answer `letter` as the model emits it after the prompt, plus end of sequence.
+    Tokenized in context (after the template's tail) because tokenizers merge across the boundary."""
+    f, tok = FAMILIES[family(processor)], processor.tokenizer
+    tail = f["prompt"].rsplit("{}", 1)[1] or "\n"
+    context, full = _ids(tok, tail), _ids(tok, tail + f["answer"].format(letter))
+    if full[:len(context)] != context or len(full) == len(context):
+        raise ValueError(f"tokenizer merges the answer {letter!r} into the prompt's tail {tail!r}")
+    return full[len(context):] + [tok.eos_token_id]
+
+
+def option_token_ids(processor, n):
+    """The first token of each answer letter: the next-token logits scored for A, B, C, ..."""
+    return [answer_ids(processor, perturb.LETTERS[i])[0] for i in range(n)]
+
+
+def collate(processor, samples, train=True, max_length=None):
+    """Render samples with the family's template into a right-padded batch the transformers forward
+    accepts, plus `labels` (-100 except the answer tokens when `train`) and `tasks`."""
+    fam = family(processor)
+    f, tok, size = FAMILIES[fam], processor.tokenizer, image_size(processor)
+    rows = []
+    for s in samples:
+        enc = processor(images=perturb.load_image(s, size), text=f["prompt"].format(perturb.render(s)),
+                        return_tensors="pt")
+        enc = {k: v for k, v in enc.items() if k in SEQUENCE_KEYS or k in f["image_keys"]}
+        n_prompt = enc["input_ids"].shape[1]
+        answer = answer_ids(processor, perturb.LETTERS[s["answer"]]) if train else []
+        if answer:
+            extra = torch.tensor([answer])
+            enc["input_ids"] = torch.cat([enc["input_ids"], extra], 1)
+            enc["attention_mask"] = torch.cat([enc["attention_mask"], torch.ones_like(extra)], 1)
+            if "mm_token_type_ids" in enc:
+                enc["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+        if max_length is not None and enc["input_ids"].shape[1] > max_length:
+            raise ValueError(f"sample {s['id']!r}: {enc['input_ids'].shape[1]} tokens with its answer, more than "
+                             f"max_length={max_length}; truncating would cut the answer (raise max_length)")
+        labels = torch.full_like(enc["input_ids"], -100)
+        labels[0, n_prompt:] = torch.tensor(answer, dtype=labels.dtype)
+        enc["labels"] = labels
+        rows.append(enc)
+    batch = {}
+    for key in rows[0]:
+        if key in SEQUENCE_KEYS or key == "labels":
+            pad = {"input_ids": tok.pad_token_id, "labels": -100}.get(key, 0)
+            if key == "qformer_input_ids":
+                pad = processor.qformer_tokenizer.pad_token_id
+            width = max(r[key].shape[1] for r in rows)
+            batch[key] = torch.cat([torch.nn.functional.pad(r[key], (0, width - r[key].shape[1]), value=pad)
+                                    for r in rows])
+        else:  # images: stacked (LLaVA, InstructBLIP) or concatenated patches (Qwen2.5-VL)
+            batch[key] = torch.cat([r[key] for r in rows])
+    batch["tasks"] = [s["task"] for s in samples]
+    return batch
+
+
+def model_inputs(batch):
+    """The batch without our own entries: what `model(**...)` accepts."""
+    return {k: v for k, v in batch.items() if k not in ("tasks", "labels")}
+
+
+def embed(model, batch):
+    """Input embeddings with the image features in place: (B, L, D), and the (B, L) image-token mask.
+    Only module calls, so the result is the same under FSDP2 when called inside the root forward."""
+    f = FAMILIES[family(model)]
+    ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    kwargs = {k: batch[k] for k in f["image_keys"]}
+    if family(model) == "llava":  # get_image_features does not read these from the config
+        kwargs.update(vision_feature_layer=model.config.vision_feature_layer,
+                      vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+    feats = model.get_image_features(**kwargs).pooler_output
+    feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.flatten(0, -2)
+    image_mask = ids == model.config.image_token_id
+    if image_mask.sum() != feats.shape[0]:
+        raise ValueError(f"{int(image_mask.sum())} image tokens in the batch but {feats.shape[0]} image features")
+    embeds = embeds.masked_scatter(image_mask[..., None], feats.to(embeds.dtype))
+    return embeds, image_mask
+
+
+def logits(model, inputs_embeds, batch):
+    """Logits (B, L, V) of the language model on (possibly perturbed) input embeddings."""
+    f = FAMILIES[family(model)]
+    lm = getattr(model, f["lm"]) if f["lm"] else model
+    return lm(inputs_embeds=inputs_embeds, **{k: batch[k] for k in f["lm_keys"]}).logits
+
+
+def freeze(model):
+    """Freeze the vision encoder (and InstructBLIP's Q-Former): the projector and the LLM are trained."""
+    frozen = FAMILIES[family(model)]["frozen"]
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+    return model
+
+
+def train_mode(model, on=True):
+    """model.train(on), but frozen modules stay in eval mode (the Q-Former's dropout would otherwise
+    make two passes over the same input differ)."""
+    model.train(on)
+    frozen = FAMILIES[family(model)]["frozen"]
+    for name, module in model.named_modules():
+        if name and (name + ".").startswith(frozen):
+            module.eval()
+    return model
+
+
+# ---- tiny checkpoints of the real classes, built offline -------------------------------------------------
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>",
+            "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+BASE_WORDS = ("USER ASSISTANT system user assistant You are a helpful . , : ; ? ! ' \" ( ) - "
+              "Answer with the option ' s letter from given choices directly What is shown in image this "
+              "picture photo of main object which color shape How many").split()
+
+
+def make_tokenizer(words=(), image_token="<image>"):
+    """A word-level tokenizer with the special tokens of all three templates, BOS prepended."""
+    vocab = {}
+    for w in SPECIALS + list(perturb.LETTERS) + [str(d) for d in range(10)] + BASE_WORDS + list(words):
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"image_token": image_token} if image_token else {})
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS[4:]})
+    return tok
+
+
+def make_tiny(family, folder, words=(), seed=0):
+    """Write a tiny random-init checkpoint of the family's real transformers class, with an offline
+    tokenizer and processor, loadable by load(folder) exactly like a hub checkpoint."""
+    torch.manual_seed(seed)
+    # InstructBlipProcessor wants a tokenizer without an `image_token` attribute (it adds its own)
+    tok = make_tokenizer(words, {"qwen2.5-vl": "<|image_pad|>", "instructblip": None}.get(family, "<image>"))
+    V, ids = len(tok), tok.convert_tokens_to_ids
+    text = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=ids("<pad>"),
+                bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), tie_word_embeddings=False)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    if family == "llava":
+        config = transformers.LlavaConfig(
+            vision_config=transformers.CLIPVisionConfig(**vision, image_size=32, patch_size=8),
+            text_config=transformers.LlamaConfig(**text), image_token_index=ids("<image>"),
+            vision_feature_select_strategy="default", vision_feature_layer=-2)
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        processor = transformers.LlavaProcessor(ip, tok, patch_size=8, vision_feature_select_strategy="default",
+                                                num_additional_image_tokens=1)
+    elif family == "qwen2.5-vl":
+        tok.eos_token = "<|im_end|>"  # the Instruct checkpoints end a turn with it
+        text.update(num_key_value_heads=1, eos_token_id=ids("<|im_end|>"),
+                    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+        config = transformers.Qwen2_5_VLConfig(
+            text_config=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                               patch_size=14, window_size=112, fullatt_block_indexes=[1]))
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
+        processor = QwenImageProcessor(image_processor=ip, tokenizer=tok)
+    elif family == "instructblip":
+        config = transformers.InstructBlipConfig(
+            vision_config=dict(**vision, image_size=32, patch_size=8),
+            qformer_config=dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, encoder_hidden_size=32, pad_token_id=ids("<pad>")),
+            text_config=dict(model_type="llama", **text), num_query_tokens=4, image_token_index=ids("<image>"))
+        from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+        ip = BlipImageProcessorPil(size={"height": 32, "width": 32})
+        processor = transformers.InstructBlipProcessor(ip, tok, make_tokenizer(words), num_query_tokens=4)
+    else:
+        raise ValueError(f"unknown family {family!r}: expected one of {sorted(FAMILIES)}")
+    model = FAMILIES[family]["cls"](config)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    if family == "qwen2.5-vl":  # a Qwen processor cannot be saved whole without torchvision
+        tok.save_pretrained(folder)
+        ip.save_pretrained(folder)
+    else:
+        processor.save_pretrained(folder)
+    return folder
+
+
+if __name__ == "__main__":  # python model.py FAMILY FOLDER [VOCAB_FILE]
+    words = open(sys.argv[3], encoding="utf-8").read().split() if len(sys.argv) > 3 else ()
+    print(make_tiny(sys.argv[1], sys.argv[2], words))

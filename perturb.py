@@ -1,0 +1,247 @@
+"""Samples and the paper's modality interventions (uf md rp ri fb fw) applied to them.
+
+load_samples() reads and checks a JSONL file (SPEC.md section 1); perturb(sample, name, rng)
+returns a perturbed copy. Used by evaluate.py and train.py, e.g. perturb(s, "md", seed).
+"""
+import functools
+import hashlib
+import json
+import random
+import re
+import string
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TASKS = ("image_heavy", "text_heavy", "vqa")
+LETTERS = string.ascii_uppercase
+APPLIES = {"orig": TASKS, "uf": ("image_heavy",), "md": ("image_heavy",), "rp": ("text_heavy",),
+           "ri": ("text_heavy",), "fb": ("text_heavy",), "fw": ("text_heavy",)}
+FACTS_FILE = Path(__file__).parent / "data" / "unrelated_facts.txt"
+
+# Train and eval wordings differ so that a model fine-tuned on the train pool is evaluated on
+# misleading descriptions it has never seen. "the" avoids a/an mistakes before any class name.
+MD_TRAIN = ["This image shows the {wrong}.", "The {wrong} in this picture is clearly visible.",
+            "Object in this photo: {wrong}.", "The picture was taken to show the {wrong}.",
+            "Look closely: the main subject here is the {wrong}.", "Category of this image: {wrong}.",
+            "Experts agree that this photo contains the {wrong}.", "What you see in the image is the {wrong}."]
+MD_EVAL = ["The image depicts the {wrong}.", "This picture is a photograph of the {wrong}.",
+           "Clearly, the object shown here is the {wrong}.", "Label of the pictured object: {wrong}."]
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with "path:line: " and says what to do."""
+
+
+def load_samples(path):
+    folder, samples, first_line = Path(path).parent, [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                sample = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON: {e} (write one JSON object per line)") from e
+            _check(sample, folder, lambda what: DataError(f"{path}:{lineno}: {what}"))
+            if sample["id"] in first_line:
+                raise DataError(f"{path}:{lineno}: duplicate id {sample['id']!r}, first on line "
+                                f"{first_line[sample['id']]} (ids must be unique within a file)")
+            first_line[sample["id"]] = lineno
+            samples.append(sample)
+    if not samples:
+        raise DataError(f"{path}:1: no samples (the file needs at least one JSON object line)")
+    return samples
+
+
+def _nonempty_str(x):
+    return isinstance(x, str) and x.strip() != ""
+
+
+def _check(s, folder, err):
+    """Validates one sample in place and makes its image path absolute; err(what) builds the error."""
+    if not isinstance(s, dict):
+        raise err(f"expected a JSON object, got {type(s).__name__} (write one sample object per line)")
+    for key in ("id", "task", "image", "question", "options", "answer", "source"):
+        if key not in s:
+            raise err(f"missing key {key!r} (every sample needs id, task, image, question, options, answer, source)")
+    for key in ("id", "question", "source"):
+        if not _nonempty_str(s[key]):
+            raise err(f"{key} must be a non-empty string, got {s[key]!r} (fix the {key} field)")
+    if s["task"] not in TASKS:
+        raise err(f"unknown task {s['task']!r} (task must be one of {', '.join(TASKS)})")
+    opts = s["options"]
+    if not (isinstance(opts, list) and 2 <= len(opts) <= len(LETTERS) and all(_nonempty_str(o) for o in opts)
+            and len(set(opts)) == len(opts)):
+        raise err(f"options {opts!r} are not 2 to {len(LETTERS)} distinct non-empty strings (fix the options list)")
+    ans = s["answer"]
+    if type(ans) is not int or not 0 <= ans < len(opts):
+        raise err(f"answer {ans!r} is not among the {len(opts)} options (answer is a 0-based index into options)")
+    if s["task"] == "text_heavy":
+        if s["image"] is not None:
+            raise err(f"text_heavy sample has image {s['image']!r} (set image to null; its image is random pixels)")
+    elif not (_nonempty_str(s["image"]) and (folder / s["image"]).is_file()):
+        raise err(f"image {s['image']!r} is not a file in {str(folder)!r} (image paths are relative to the jsonl)")
+    else:
+        s["image"] = str((folder / s["image"]).resolve())
+    facts = s.get("facts")
+    if facts is not None and not (isinstance(facts, dict) and all(
+            k.isdigit() and str(int(k)) == k and int(k) < len(opts) and _nonempty_str(v) for k, v in facts.items())):
+        raise err(f"bad facts {facts!r} (facts maps option indices \"0\" to \"{len(opts) - 1}\" to descriptions)")
+
+
+def _wh(size):
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def load_image(sample, size=336):
+    """size only shapes the random pixels of a text-heavy sample: real images keep theirs for the processor."""
+    image = sample["image"]
+    if image is None:
+        return random_pixels(sample["id"], size)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{image}: cannot read the image of sample {sample['id']!r}: {e} "
+                        f"(replace the file or drop the sample)") from e
+
+
+def random_pixels(key, size):
+    # hashlib, not hash(): str hashes are salted per process, and every rank and run needs the same RP
+    seed = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+    w, h = _wh(size)
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def canvas(value, size):
+    if not 0 <= value <= 255:
+        raise ValueError(f"canvas value {value} must be in 0..255")
+    return Image.new("RGB", _wh(size), (value, value, value))
+
+
+def _check_pool(pool):
+    if pool not in ("train", "eval"):
+        raise ValueError(f"pool must be 'train' or 'eval', got {pool!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def _facts_split():
+    lines = [l.strip() for l in FACTS_FILE.read_text(encoding="utf-8").splitlines() if l.strip()]
+    order = list(range(len(lines)))
+    random.Random(0).shuffle(order)
+    n_eval = len(lines) // 5
+    return ([lines[i] for i in sorted(order[n_eval:])], [lines[i] for i in sorted(order[:n_eval])])
+
+
+def unrelated_facts(pool="eval"):
+    """Sentences of data/unrelated_facts.txt for UF. The split is fixed: the line indices are
+    shuffled with random.Random(0); the first len // 5 (20%) form the "eval" pool and the rest
+    (80%) the "train" pool, each kept in file order."""
+    _check_pool(pool)
+    train, eval_ = _facts_split()
+    return list(eval_ if pool == "eval" else train)
+
+
+def md_templates(pool="eval"):
+    _check_pool(pool)
+    return list(MD_EVAL if pool == "eval" else MD_TRAIN)
+
+
+def _mentions(text, phrases):
+    """Whole-word, case-insensitive; an optional plural s/es also counts, since "cats" names a cat."""
+    words = [r"\s+".join(map(re.escape, p.split())) for p in phrases]
+    return re.search(rf"(?<!\w)(?:{'|'.join(words)})(?:e?s)?(?!\w)", text, re.IGNORECASE) is not None
+
+
+def render(sample):
+    options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(sample["options"]))
+    return f"{sample['question']}\n{options}\nAnswer with the option's letter from the given choices directly."
+
+
+def interventions_for(task):
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+    return [name for name, tasks in APPLIES.items() if task in tasks]
+
+
+def ri_pool(samples=None, folder=None):
+    paths = {str(Path(s["image"]).resolve()) for s in samples or () if s["task"] == "image_heavy"}
+    if folder is not None:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder (pass a folder of images for ri)")
+        paths |= {str(p.resolve()) for p in Path(folder).rglob("*")
+                  if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp") and p.is_file()}
+    if not paths:
+        raise ValueError("ri_pool found no images (pass samples with image_heavy images or a folder of images)")
+    return sorted(paths)
+
+
+def _new(sample, **changes):
+    # options is copied too, so that editing the result can never reach back into the input
+    return {**sample, "options": list(sample["options"]), **changes}
+
+
+def _orig(sample, rng, size, pool, ri_images, k):
+    """Also rp: the default image of a text-heavy sample is random pixels."""
+    if sample["task"] == "text_heavy":
+        return _new(sample, image=random_pixels(sample["id"], size))
+    return _new(sample)
+
+
+def _uf(sample, rng, size, pool, ri_images, k):
+    candidates = [f for f in unrelated_facts(pool) if not _mentions(f, sample["options"])]
+    if not 1 <= k <= len(candidates):
+        raise ValueError(f"uf needs 1 <= k <= {len(candidates)} facts that mention no option of "
+                         f"sample {sample['id']!r}, got k={k} (lower k or add facts)")
+    return _new(sample, question=" ".join(rng.sample(candidates, k)) + " " + sample["question"])
+
+
+def _md(sample, rng, size, pool, ri_images, k):
+    right = [sample["options"][sample["answer"]]]
+    wrong = [i for i in range(len(sample["options"])) if i != sample["answer"]]
+    rng.shuffle(wrong)
+    templates = md_templates(pool)
+    rng.shuffle(templates)
+    facts = sample.get("facts") or {}
+    for i in wrong:
+        # a prewritten description is preferred; templates are the fallback, and any text that
+        # names the right option (right "cat", wrong "cat food") would make MD a hint, not a lie
+        texts = [facts[str(i)]] if facts.get(str(i)) else []
+        texts += [t.format(wrong=sample["options"][i]) for t in templates]
+        for text in texts:
+            if not _mentions(text, right):
+                return _new(sample, question=text + " " + sample["question"], md_option=i)
+    raise ValueError(f"md: every wrong option of sample {sample['id']!r} would name the answer "
+                     f"{right[0]!r} (reword the options or skip md for this sample)")
+
+
+def _ri(sample, rng, size, pool, ri_images, k):
+    if not ri_images:
+        raise ValueError("ri needs ri_images, a non-empty list of image paths unrelated to the questions "
+                         "(e.g. ri_pool(samples) for the image-heavy images of the data, or ri_pool(folder=...))")
+    return _new(sample, image=rng.choice(list(ri_images)))
+
+
+def _canvas(sample, rng, size, pool, ri_images, k, *, value):
+    return _new(sample, image=canvas(value, size))
+
+
+INTERVENTIONS = {"orig": _orig, "uf": _uf, "md": _md, "rp": _orig, "ri": _ri,
+                 "fb": functools.partial(_canvas, value=0), "fw": functools.partial(_canvas, value=255)}
+
+
+def perturb(sample, name, rng, *, size=336, pool="eval", ri_images=None, k=10):
+    """A new sample with intervention=name. rng: random.Random or seed; pool: which facts and md
+    wordings ("train" or "eval"); ri_images: paths ri draws from; k: number of uf facts."""
+    if name not in INTERVENTIONS:
+        raise ValueError(f"unknown intervention {name!r} (choose from {', '.join(INTERVENTIONS)})")
+    if sample["task"] not in APPLIES[name]:
+        raise ValueError(f"intervention {name!r} does not apply to task {sample['task']!r} "
+                         f"(it applies to {', '.join(APPLIES[name])})")
+    _check_pool(pool)
+    rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+    return {**INTERVENTIONS[name](sample, rng, size, pool, ri_images, k), "intervention": name}

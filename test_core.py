@@ -1,0 +1,750 @@
+"""Tests of the core: losses against formulas written out here, the three model families against
+their own transformers forward, the interventions' contracts. Tiny random-init checkpoints of the
+real classes, built offline; CPU, a few minutes. Run: python -m pytest -q test_core.py
+"""
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+import losses
+import model as M
+import perturb
+from perturb import APPLIES, TASKS, DataError
+
+FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
+
+
+# ---- losses ----------------------------------------------------------------------------------------------
+
+def _kl64(p, q):
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+
+
+def _softmax64(row, tau):
+    z = [x / tau for x in row]
+    m = max(z)
+    e = [math.exp(x - m) for x in z]
+    return [x / sum(e) for x in e]
+
+
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_consistency_matches_float64_formula(kind):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 2, 7, generator=g) * 3, torch.randn(3, 2, 7, generator=g) * 3
+    mask = torch.tensor([[True, True], [True, False], [False, False]])
+    for tau in (1.0, 2.0):
+        vals = []
+        for i in range(3):
+            for j in range(2):
+                if not mask[i, j]:
+                    continue
+                p, q = _softmax64(a[i, j].double().tolist(), tau), _softmax64(b[i, j].double().tolist(), tau)
+                if kind == "kl":
+                    vals.append(_kl64(p, q))
+                else:
+                    m = [(x + y) / 2 for x, y in zip(p, q)]
+                    vals.append(0.5 * _kl64(p, m) + 0.5 * _kl64(q, m))
+        got = losses.consistency(a, b, kind=kind, tau=tau, mask=mask)
+        assert got.item() == pytest.approx(sum(vals) / len(vals), rel=1e-5)
+
+
+def test_js_is_symmetric_and_bounded_by_ln2():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 3, 11, generator=g) * 5, torch.randn(4, 3, 11, generator=g) * 5
+    assert losses.consistency(a, b, "js").item() == pytest.approx(losses.consistency(b, a, "js").item(), rel=1e-6)
+    far_a = torch.tensor([[[60.0, 0.0]]])  # two almost disjoint distributions: JS -> ln 2
+    far_b = torch.tensor([[[0.0, 60.0]]])
+    js = losses.consistency(far_a, far_b, "js").item()
+    assert js <= math.log(2) + 1e-6 and js == pytest.approx(math.log(2), rel=1e-4)
+    assert losses.consistency(a, b, "kl").item() != pytest.approx(losses.consistency(b, a, "kl").item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_consistency_is_zero_for_identical_logits(kind):
+    a = torch.randn(2, 3, 5)
+    assert losses.consistency(a, a.clone(), kind).abs().item() < 1e-7
+
+
+def test_consistency_gradient_flows_through_the_perturbed_side_only():
+    a = torch.randn(2, 1, 5, requires_grad=True)
+    b = torch.randn(2, 1, 5, requires_grad=True)
+    losses.consistency(a, b, "js").backward()
+    assert a.grad is None and b.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        losses.consistency(a, b, "mse")
+
+
+def test_answer_logits_aligns_pairs_by_answer_order():
+    logits = torch.arange(2 * 6 * 1, dtype=torch.float).view(2, 6, 1)
+    labels = torch.full((2, 6), -100)
+    labels[0, 2:4] = 7   # answer tokens at 2, 3: predicted from positions 1, 2
+    labels[1, 5] = 7     # one answer token at 5: predicted from position 4
+    out, mask = losses.answer_logits(logits, labels)
+    assert out.shape == (2, 2, 1)
+    assert mask.tolist() == [[True, True], [True, False]]
+    assert out[0, :, 0].tolist() == [1.0, 2.0] and out[1, 0, 0].item() == 10.0
+
+
+def test_modality_mask_follows_the_task():
+    tasks = ["image_heavy", "text_heavy", "vqa"]
+    image = torch.tensor([[0, 1, 1, 0, 0, 0]] * 3, dtype=torch.bool)
+    labels = torch.full((3, 6), -100)
+    labels[:, 4] = 5
+    attn = torch.ones(3, 6, dtype=torch.long)
+    attn[:, 5] = 0
+    mask = losses.modality_mask(tasks, image, labels, attn)
+    assert mask[0].tolist() == [True, False, False, True, False, False]  # text, not answer, not padding
+    assert mask[1].tolist() == image[1].tolist()
+    assert not mask[2].any()
+    with pytest.raises(ValueError, match="unknown task"):
+        losses.modality_mask(["audio"], image[:1], labels[:1])
+
+
+def test_pgd_step_is_equation_7_and_respects_eps_and_mask():
+    embeds = torch.zeros(2, 5, 4)
+    mask = torch.tensor([[True, False, True, False, False], [False] * 5])
+    w = torch.randn(2, 5, 4)
+    eps, alpha = 0.3, 0.1
+    delta = losses.pgd(lambda d: (w * d).sum(), embeds, mask, eps=eps, alpha=alpha, steps=1,
+                       generator=torch.Generator().manual_seed(3))
+    init = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(3)) * eps
+    m = mask[..., None].float()
+    expected = ((init.clamp(-eps, eps) * m + alpha * w).clamp(-eps, eps)) * m
+    assert torch.allclose(delta, expected, atol=1e-7)
+    assert delta.abs().max() <= eps and (delta[~mask] == 0).all()
+    many = losses.pgd(lambda d: (w * d).sum(), embeds, mask, eps=eps, alpha=100.0, steps=2)
+    assert torch.allclose(many[mask], eps * w[mask].sign())  # a linear loss is maximised at the corner
+    signed = losses.pgd(lambda d: (w * d).sum(), embeds, mask, eps=eps, alpha=0.01, steps=1, sign=True,
+                        generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(signed, ((init.clamp(-eps, eps) * m + 0.01 * w.sign()).clamp(-eps, eps)) * m)
+
+
+def test_gaussian_noise_is_masked_with_sigma():
+    embeds = torch.zeros(4, 100, 64)
+    mask = torch.zeros(4, 100, dtype=torch.bool)
+    mask[:, :50] = True
+    noise = losses.gaussian_noise(embeds, mask, sigma=0.05, generator=torch.Generator().manual_seed(0))
+    assert (noise[~mask] == 0).all()
+    assert noise[mask].std().item() == pytest.approx(0.05, rel=0.03)
+
+
+# ---- perturb -------------------------------------------------------------------------------------------
+
+def _image(path, color=(10, 20, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 6), color).save(path)
+    return path
+
+
+def _rows(tmp_path):
+    _image(tmp_path / "images" / "a.png")
+    _image(tmp_path / "images" / "b.png", (200, 0, 0))
+    return [
+        {"id": "a", "task": "image_heavy", "image": "images/a.png", "question": "What is shown?",
+         "options": ["cat", "dog", "cat food"], "answer": 0, "source": "toy", "note": "kept"},
+        {"id": "b", "task": "vqa", "image": "images/b.png", "question": "What colour?",
+         "options": ["red", "blue"], "answer": 0, "source": "toy", "facts": {"1": "It is blue."}},
+        {"id": "c", "task": "text_heavy", "image": None, "question": "2 + 2 = ?",
+         "options": ["3", "4", "5"], "answer": 1, "source": "toy", "facts": None},
+    ]
+
+
+def _write(tmp_path, lines, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
+    return str(path)
+
+
+def _words(text):
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _names(text, option):
+    """True when the words of option appear consecutively in text (the test's own whole-word check)."""
+    words, target = _words(text), _words(option)
+    return any(words[i:i + len(target)] == target for i in range(len(words)))
+
+
+def _sample(task="image_heavy", **kw):
+    s = {"id": f"s-{task}", "task": task, "image": None, "question": "Which one is it?",
+         "options": ["cat", "dog", "cat food", "rabbit"], "answer": 0, "source": "toy"}
+    return {**s, **kw}
+
+
+def _plain(sample):
+    return {k: (v.mode, v.size, v.tobytes()) if isinstance(v, Image.Image) else v for k, v in sample.items()}
+
+
+def test_load_samples_makes_image_paths_absolute_and_keeps_extra_keys(tmp_path):
+    path = _write(tmp_path, _rows(tmp_path)[:1] + [""] + _rows(tmp_path)[1:])
+    samples = perturb.load_samples(path)
+    assert [s["id"] for s in samples] == ["a", "b", "c"]
+    assert samples[0]["image"] == str((tmp_path / "images" / "a.png").resolve())
+    assert os.path.isabs(samples[1]["image"]) and os.path.isfile(samples[1]["image"])
+    assert samples[2]["image"] is None
+    assert samples[0]["note"] == "kept" and samples[1]["facts"] == {"1": "It is blue."}
+
+
+def _drop(key):
+    return lambda s: {k: v for k, v in s.items() if k != key}
+
+
+MALFORMED = {
+    "malformed_json": lambda s: '{"id": "x", "task": ',
+    "not_an_object": lambda s: "[1, 2]",
+    "missing_key": _drop("answer"),
+    "bad_task": lambda s: {**s, "task": "image-heavy"},
+    "answer_out_of_range": lambda s: {**s, "answer": 3},
+    "negative_answer": lambda s: {**s, "answer": -1},
+    "answer_bool": lambda s: {**s, "answer": True},
+    "answer_string": lambda s: {**s, "answer": "0"},
+    "duplicate_id": lambda s: {**s, "id": "a"},
+    "empty_id": lambda s: {**s, "id": ""},
+    "empty_question": lambda s: {**s, "question": " "},
+    "missing_image_file": lambda s: {**s, "image": "images/nope.png"},
+    "image_heavy_without_image": lambda s: {**s, "image": None},
+    "text_heavy_with_image": lambda s: {**s, "task": "text_heavy"},
+    "too_few_options": lambda s: {**s, "options": ["cat"]},
+    "too_many_options": lambda s: {**s, "options": [f"o{i}" for i in range(27)]},
+    "duplicate_options": lambda s: {**s, "options": ["cat", "dog", "cat"]},
+    "empty_option": lambda s: {**s, "options": ["cat", "", "dog"]},
+    "bad_facts_key": lambda s: {**s, "facts": {"3": "out of range"}},
+    "non_numeric_facts_key": lambda s: {**s, "facts": {"dog": "a dog"}},
+    "empty_facts_text": lambda s: {**s, "facts": {"1": ""}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_load_samples_names_file_and_line_of_each_malformed_case(tmp_path, case):
+    rows = _rows(tmp_path)
+    bad = MALFORMED[case]({**rows[0], "id": "z"})
+    path = _write(tmp_path, [rows[0], "", bad, rows[2]])
+    with pytest.raises(DataError) as e:
+        perturb.load_samples(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3: "), msg
+    assert "(" in msg and msg.endswith(")"), msg
+    if case == "duplicate_id":
+        assert "line 1" in msg
+
+
+def test_load_samples_rejects_empty_and_missing_files(tmp_path):
+    path = _write(tmp_path, ["", "  "])
+    with pytest.raises(DataError, match=re.escape(path)):
+        perturb.load_samples(path)
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        perturb.load_samples(str(tmp_path / "nothere.jsonl"))
+
+
+def test_render_letters_the_options():
+    s = _sample(options=["red", "green", "blue"])
+    assert perturb.render(s) == ("Which one is it?\nA. red\nB. green\nC. blue\n"
+                                 "Answer with the option's letter from the given choices directly.")
+
+
+def test_interventions_for_follows_applies_order():
+    assert perturb.interventions_for("image_heavy") == ["orig", "uf", "md"]
+    assert perturb.interventions_for("text_heavy") == ["orig", "rp", "ri", "fb", "fw"]
+    assert perturb.interventions_for("vqa") == ["orig"]
+    assert set(perturb.INTERVENTIONS) == set(APPLIES)
+    with pytest.raises(ValueError):
+        perturb.interventions_for("audio")
+
+
+def test_md_never_names_the_answer():
+    s = _sample()
+    seen = set()
+    for pool in ("train", "eval"):
+        for seed in range(200):
+            out = perturb.perturb(s, "md", seed, pool=pool)
+            desc = out["question"][: -len(s["question"]) - 1]
+            assert out["question"].endswith(" " + s["question"])
+            assert not _names(desc, "cat") and not _names(desc, "cats"), desc
+            assert out["md_option"] in (1, 3)
+            assert _names(desc, s["options"][out["md_option"]])
+            assert desc in [t.format(wrong=s["options"][out["md_option"]]) for t in perturb.md_templates(pool)]
+            seen.add(out["md_option"])
+    assert seen == {1, 3}
+
+
+def test_md_never_names_the_answer_with_facts():
+    facts = {"1": "A loyal dog wagging its tail.", "2": "A bowl of cat food.", "3": "Two cats next to a rabbit."}
+    s = _sample(facts=facts)
+    descs = set()
+    for seed in range(200):
+        out = perturb.perturb(s, "md", seed)
+        desc = out["question"][: -len(s["question"]) - 1]
+        assert not _names(desc, "cat") and not _names(desc, "cats"), desc
+        assert out["md_option"] in (1, 3)
+        if out["md_option"] == 1:
+            assert desc == facts["1"]
+        else:
+            assert desc in [t.format(wrong="rabbit") for t in perturb.md_templates("eval")]
+        descs.add(desc)
+    assert facts["1"] in descs and len(descs) > 2
+
+
+def test_md_uses_the_facts_text_when_present():
+    s = _sample(options=["cat", "dog"], facts={"1": "A dog is shown here."})
+    assert perturb.perturb(s, "md", 3)["question"] == "A dog is shown here. Which one is it?"
+
+
+def test_md_fails_when_every_wrong_option_names_the_answer():
+    s = _sample(options=["cat", "cat food", "Cat Toy"], id="only-cats")
+    with pytest.raises(ValueError, match="only-cats"):
+        perturb.perturb(s, "md", 0)
+
+
+def test_uf_has_k_facts_from_the_pool_and_never_names_an_option():
+    options = ["water", "Moon", "carbon dioxide", "iron"]
+    s = _sample(options=options, answer=1)
+    for pool in ("train", "eval"):
+        facts, questions = perturb.unrelated_facts(pool), set()
+        assert any(_names(f, "water") for f in facts)
+        for seed in range(30):
+            out = perturb.perturb(s, "uf", seed, pool=pool, k=5)
+            assert out["question"].endswith(" " + s["question"])
+            prefix = out["question"][: -len(s["question"]) - 1]
+            used = [f for f in facts if f in prefix]
+            assert len(used) == 5 and sum(map(len, used)) + 4 == len(prefix)
+            assert not any(_names(prefix, o) for o in options), prefix
+            assert out["image"] is None and out["options"] == options
+            questions.add(out["question"])
+        assert len(questions) > 20
+
+
+def test_uf_needs_enough_facts():
+    with pytest.raises(ValueError, match="s-image_heavy"):
+        perturb.perturb(_sample(), "uf", 0, k=10 ** 6)
+
+
+def test_facts_file_and_pools():
+    path = os.path.join(os.path.dirname(perturb.__file__), "data", "unrelated_facts.txt")
+    with open(path, encoding="ascii") as f:
+        lines = f.read().splitlines()
+    assert len(lines) >= 200 and len(set(lines)) == len(lines)
+    assert all(l.strip() == l and l.endswith(".") and ". " not in l for l in lines)
+    train, eval_ = perturb.unrelated_facts("train"), perturb.unrelated_facts("eval")
+    assert not set(train) & set(eval_) and sorted(train + eval_) == sorted(lines)
+    assert len(eval_) == len(lines) // 5
+    t_train, t_eval = perturb.md_templates("train"), perturb.md_templates("eval")
+    assert not set(t_train) & set(t_eval) and len(t_train) >= 6 and len(t_eval) >= 3
+    assert all("{wrong}" in t for t in t_train + t_eval)
+    for fn in (perturb.unrelated_facts, perturb.md_templates):
+        with pytest.raises(ValueError):
+            fn("test")
+
+
+@pytest.mark.parametrize("name,value", [("fb", 0), ("fw", 255)])
+def test_canvases_are_exactly_black_or_white_at_the_requested_size(name, value):
+    out = perturb.perturb(_sample("text_heavy"), name, 0, size=(40, 30))
+    assert out["image"].mode == "RGB" and out["image"].size == (40, 30)
+    assert np.unique(np.asarray(out["image"])).tolist() == [value]
+    assert perturb.canvas(value, 16).size == (16, 16)
+
+
+def test_rp_is_deterministic_and_differs_across_ids():
+    s = _sample("text_heavy")
+    a = perturb.perturb(s, "rp", 1, size=(24, 16))["image"]
+    b = perturb.perturb(s, "rp", 2, size=(24, 16))["image"]
+    c = perturb.perturb(s, "orig", 3, size=(24, 16))["image"]
+    other = perturb.perturb({**s, "id": "other"}, "rp", 1, size=(24, 16))["image"]
+    assert a.mode == "RGB" and a.size == (24, 16)
+    assert a.tobytes() == b.tobytes() == c.tobytes() != other.tobytes()
+    assert np.asarray(a).std() > 40
+    assert perturb.load_image(s, (24, 16)).tobytes() == a.tobytes()
+
+
+def test_random_pixels_are_the_same_in_another_process():
+    code = ("import hashlib, perturb; "
+            "print(hashlib.sha256(perturb.random_pixels('text-7', 32).tobytes()).hexdigest())")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(perturb.__file__)))
+    assert out.stdout.strip() == hashlib.sha256(perturb.random_pixels("text-7", 32).tobytes()).hexdigest()
+
+
+def _applicable(tmp_path):
+    pool = [str(_image(tmp_path / f"ri{i}.png", (i, i, i))) for i in range(5)]
+    return pool, {t: _sample(t, facts={"1": "A dog."}) for t in TASKS}
+
+
+@pytest.mark.parametrize("name", list(APPLIES))
+def test_every_intervention_is_deterministic_and_never_mutates_its_input(tmp_path, name):
+    pool, samples = _applicable(tmp_path)
+    for task in APPLIES[name]:
+        s = samples[task]
+        before = copy.deepcopy(s)
+        a = perturb.perturb(s, name, 7, size=20, ri_images=pool, k=3)
+        b = perturb.perturb(s, name, random.Random(7), size=20, ri_images=pool, k=3)
+        assert _plain(a) == _plain(b)
+        assert a is not s and a["intervention"] == name and "intervention" not in s
+        a["options"].append("mutated")
+        assert s == before
+
+
+@pytest.mark.parametrize("name,task", [(n, t) for n in APPLIES for t in TASKS if t not in APPLIES[n]])
+def test_interventions_reject_tasks_they_do_not_apply_to(tmp_path, name, task):
+    pool, samples = _applicable(tmp_path)
+    with pytest.raises(ValueError, match=f"{name}.*{task}"):
+        perturb.perturb(samples[task], name, 0, ri_images=pool)
+
+
+def test_unknown_intervention_lists_the_valid_names():
+    with pytest.raises(ValueError, match="orig.*uf.*md.*rp.*ri.*fb.*fw"):
+        perturb.perturb(_sample(), "noise", 0)
+
+
+def test_orig_leaves_image_heavy_and_vqa_samples_unchanged():
+    for task in ("image_heavy", "vqa"):
+        s = _sample(task, image="/x/y.png")
+        assert perturb.perturb(s, "orig", 0) == {**s, "intervention": "orig"}
+
+
+def test_ri_uses_only_pool_images(tmp_path):
+    samples = perturb.load_samples(_write(tmp_path, _rows(tmp_path)))
+    pool = perturb.ri_pool(samples)
+    assert pool == [str((tmp_path / "images" / "a.png").resolve())]
+    extra = tmp_path / "extra"
+    for name in ("x.PNG", "deep/y.jpg", "deep/z.webp"):
+        _image(extra / name)
+    (extra / "notes.txt").write_text("not an image")
+    pool = perturb.ri_pool(samples, folder=str(extra))
+    assert pool == sorted(pool) and len(pool) == 4 and all(os.path.isabs(p) for p in pool)
+    assert not any(p.endswith(".txt") for p in pool)
+    picked = {perturb.perturb(samples[2], "ri", seed, ri_images=pool)["image"] for seed in range(60)}
+    assert picked == set(pool)
+    with pytest.raises(ValueError, match="ri_images"):
+        perturb.perturb(samples[2], "ri", 0)
+    with pytest.raises(ValueError):
+        perturb.ri_pool([samples[2]])
+
+
+def test_load_image_handles_paths_pil_images_and_missing_files(tmp_path):
+    path = _image(tmp_path / "p.png", (1, 2, 3))
+    assert perturb.load_image({"id": "p", "image": str(path)}).getpixel((0, 0)) == (1, 2, 3)
+    gray = Image.new("L", (5, 7), 9)
+    got = perturb.load_image({"id": "g", "image": gray}, size=50)
+    assert got.mode == "RGB" and got.size == (5, 7)
+    assert perturb.load_image({"id": "n", "image": None}, size=(9, 4)).size == (9, 4)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    for name in ("missing.png", "bad.png"):
+        with pytest.raises(DataError, match=f"{name}.*'sample-9'"):
+            perturb.load_image({"id": "sample-9", "image": str(tmp_path / name)})
+
+
+# ---- model -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    cache = {}
+
+    def get(fam):
+        if fam not in cache:
+            m, p = M.load(M.make_tiny(fam, str(root / fam)))
+            cache[fam] = (m.eval(), p, str(root / fam))
+        return cache[fam]
+    return get
+
+
+def _samples():
+    red = Image.new("RGB", (40, 30), (200, 10, 10))
+    return [
+        dict(id="img-1", task="image_heavy", image=red, question="What is shown in the image ?",
+             options=["red", "blue", "green", "shape"], answer=2, source="toy"),
+        dict(id="txt-1", task="text_heavy", image=None, question="How many is 2 ?", options=["2", "3"],
+             answer=0, source="toy"),
+        dict(id="vqa-1", task="vqa", image=red, question="Which color is this shape in the picture of the "
+             "main object ?", options=["red", "blue", "green"], answer=1, source="toy"),
+    ]
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_logits_of_embed_equal_the_models_own_forward(tiny, fam):
+    m, p, _ = tiny(fam)
+    batch = M.collate(p, _samples())
+    assert len(set(batch["attention_mask"].sum(1).tolist())) == 3  # rows of different lengths: padding matters
+    with torch.no_grad():
+        ref = m(**M.model_inputs(batch)).logits
+        embeds, image_mask = M.embed(m, batch)
+        got = M.logits(m, embeds, batch)
+        again = M.logits(m, embeds, batch)  # no state carried from one call to the next (Qwen's rope_deltas)
+    assert torch.allclose(got, ref, atol=1e-5) and torch.equal(got, again)
+    assert image_mask.tolist() == (batch["input_ids"] == m.config.image_token_id).tolist()
+    assert image_mask.sum(1).min() > 0
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_labels_cover_exactly_the_answer_tokens(tiny, fam):
+    m, p, _ = tiny(fam)
+    samples = _samples()
+    batch = M.collate(p, samples)
+    tok = p.tokenizer
+    for row, s in enumerate(samples):
+        n = int(batch["attention_mask"][row].sum())
+        where = (batch["labels"][row] != -100).nonzero().flatten().tolist()
+        assert where == [n - 2, n - 1]  # the letter and the end of sequence close the real tokens
+        assert tok.convert_ids_to_tokens(batch["labels"][row, where].tolist()) == [perturb.LETTERS[s["answer"]],
+                                                                                   tok.eos_token]
+        assert batch["labels"][row, where].tolist() == batch["input_ids"][row, where].tolist()
+    letters = M.option_token_ids(p, 4)
+    assert tok.convert_ids_to_tokens(letters) == ["A", "B", "C", "D"]
+    plain = M.collate(p, samples, train=False)
+    assert (plain["labels"] == -100).all()
+    assert plain["input_ids"].shape[1] == batch["input_ids"].shape[1] - 2
+    # the loss transformers computes from these labels is our sft_loss
+    with torch.no_grad():
+        out = m(**M.model_inputs(batch), labels=batch["labels"])
+    assert losses.sft_loss(out.logits, batch["labels"]).item() == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_a_sequence_longer_than_max_length_is_an_error_naming_the_sample(tiny):
+    _, p, _ = tiny("llava")
+    with pytest.raises(ValueError, match="img-1.*max_length=10"):
+        M.collate(p, _samples()[:1], max_length=10)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_only_the_vision_encoder_is_frozen(tiny, fam):
+    m, _, _ = tiny(fam)
+    M.freeze(m)
+    frozen = {n for n, q in m.named_parameters() if not q.requires_grad}
+    trainable = {n for n, q in m.named_parameters() if q.requires_grad}
+    vision = {"llava": "model.vision_tower.", "qwen2.5-vl": "model.visual.blocks.", "instructblip": "vision_model."}
+    projector = {"llava": "model.multi_modal_projector.", "qwen2.5-vl": "model.visual.merger.",
+                 "instructblip": "language_projection."}
+    assert any(n.startswith(vision[fam]) for n in frozen)
+    assert not any(n.startswith(vision[fam]) for n in trainable)
+    assert any(n.startswith(projector[fam]) for n in trainable)
+    assert any("layers.0.self_attn.q_proj" in n for n in trainable)  # the LLM
+    assert any("embed_tokens" in n for n in trainable)
+    if fam == "instructblip":
+        assert {n for n in frozen if n.startswith("qformer.")} and "query_tokens" in frozen
+    M.train_mode(m)
+    modules = dict(m.named_modules())
+    assert all(not mod.training for n, mod in modules.items() if n and (n + ".").startswith(M.FAMILIES[fam]["frozen"]))
+    assert any(mod.training for mod in modules.values())
+    M.train_mode(m, False)
+    for q in m.parameters():
+        q.requires_grad_(True)
+
+
+@pytest.mark.parametrize("fam", ["llava", "instructblip", "qwen2.5-vl"])
+def test_tiny_checkpoint_loads_with_plain_transformers(tiny, fam):
+    m, p, folder = tiny(fam)
+    assert os.path.exists(os.path.join(folder, "model.safetensors"))
+    plain = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    assert type(plain) is type(m)
+    batch = M.collate(p, _samples())
+    with torch.no_grad():
+        assert torch.equal(plain(**M.model_inputs(batch)).logits, m(**M.model_inputs(batch)).logits)
+    if fam != "qwen2.5-vl":  # a Qwen processor needs torchvision (SPEC section 6)
+        assert type(transformers.AutoProcessor.from_pretrained(folder)) is type(p)
+
+
+def test_pgd_on_a_tiny_model_raises_the_loss_and_leaves_parameter_grads(tiny):
+    m, p, _ = tiny("llava")
+    batch = M.collate(p, _samples())
+    embeds, image_mask = M.embed(m, batch)
+    mask = losses.modality_mask(batch["tasks"], image_mask, batch["labels"], batch["attention_mask"])
+    assert mask[0].any() and mask[1].any() and not mask[2].any()
+    base = embeds.detach()
+
+    def loss_fn(delta):
+        return losses.sft_loss(M.logits(m, base + delta, batch), batch["labels"])
+    before = {n: None if q.grad is None else q.grad.clone() for n, q in m.named_parameters()}
+    delta = losses.pgd(loss_fn, base, mask, eps=0.5, alpha=50.0, steps=3, sign=False)
+    assert all(q.grad is None for q in m.parameters()) and all(v is None for v in before.values())
+    assert delta.abs().max() <= 0.5 and (delta[~mask] == 0).all() and delta[mask].abs().sum() > 0
+    with torch.no_grad():
+        assert loss_fn(delta).item() > loss_fn(torch.zeros_like(base)).item()
+        rand = losses.gaussian_noise(base, mask, sigma=0.5 / 3)
+        assert loss_fn(delta).item() > loss_fn(rand).item()
+    # the clean graph survives the attack: the training loss still backpropagates into the weights
+    losses.sft_loss(M.logits(m, embeds + delta, batch), batch["labels"]).backward()
+    assert m.get_input_embeddings().weight.grad.abs().sum() > 0
+    m.zero_grad(set_to_none=True)
+
+
+# ---- evaluate and diagnose -------------------------------------------------------------------------------
+
+def _write_dataset(folder, n=6):
+    """A few image-heavy, text-heavy and VQA samples in SPEC section 1 format, images on disk."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    colors = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
+    rows = []
+    for i in range(n):
+        name = list(colors)[i % 3]
+        Image.new("RGB", (24 + i, 24), colors[name]).save(os.path.join(folder, "images", f"{i}.png"))
+        rows.append(dict(id=f"img-{i}", task="image_heavy", image=f"images/{i}.png", source="shapes",
+                         question="What is shown in the image ?" + " really" * i, options=list(colors),
+                         answer=i % 3))
+        rows.append(dict(id=f"txt-{i}", task="text_heavy", image=None, source="sums", question=f"How many is {i} ?",
+                         options=[str(i), str(i + 1), str(i + 2), str(i + 3)], answer=0))
+        rows.append(dict(id=f"vqa-{i}", task="vqa", image=f"images/{i}.png", source="vqa",
+                         question="Which color is this ?", options=list(colors)[:2], answer=i % 2))
+    path = os.path.join(folder, "test.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def test_evaluate_probs_are_a_softmax_over_the_letter_logits(tiny, tmp_path):
+    import evaluate
+    m, p, folder = tiny("llava")
+    data = _write_dataset(str(tmp_path / "data"), n=3)
+    rows = evaluate.run(folder, [data], str(tmp_path / "out"), batch_size=4, loaded=(m, p))
+    samples = {s["id"]: s for s in perturb.load_samples(data)}
+    expected = [(s, n) for s in samples.values() for n in perturb.interventions_for(s["task"])]
+    assert [(r["id"], r["intervention"]) for r in rows] == [(s["id"], n) for s, n in expected]
+    ri = perturb.ri_pool(list(samples.values()))
+    for r in rows:  # one sample at a time, the whole logits tensor, the letters picked by hand
+        s = perturb.perturb(samples[r["id"]], r["intervention"], evaluate.rng_for(0, samples[r["id"]], r["intervention"]),
+                            size=M.image_size(p), ri_images=ri)
+        b = M.collate(p, [s], train=False)
+        with torch.no_grad():
+            last = m(**M.model_inputs(b)).logits[0, -1]
+        letters = [p.tokenizer.convert_tokens_to_ids(perturb.LETTERS[i]) for i in range(len(s["options"]))]
+        want = torch.softmax(last[letters], -1)
+        assert torch.allclose(torch.tensor(r["probs"]), want, atol=1e-5)
+        assert r["pred"] == int(want.argmax()) and r["answer"] == s["answer"]
+    assert diagnose_reads(str(tmp_path / "out" / "predictions.jsonl"))
+
+
+def diagnose_reads(path):
+    import diagnose
+    return diagnose.read(path)
+
+
+def test_evaluate_resume_gives_the_file_of_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    import evaluate
+    m, p, folder = tiny("qwen2.5-vl")
+    data = _write_dataset(str(tmp_path / "data"), n=3)
+    out = tmp_path / "out"
+    evaluate.run(folder, [data], str(out), batch_size=2, loaded=(m, p))
+    full = (out / "predictions.jsonl").read_text()
+    lines = full.splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(lines[:7]) + lines[7][:15])  # killed mid-line
+    scored = []
+    real = evaluate.score
+    monkeypatch.setattr(evaluate, "score", lambda *a: scored.append(len(a[2])) or real(*a))
+    evaluate.run(folder, [data], str(out), batch_size=2, resume=True, loaded=(m, p))
+    assert (out / "predictions.jsonl").read_text() == full
+    assert 0 < sum(scored) < len(lines)  # the finished batches were not scored again
+
+
+def test_evaluate_under_torchrun_equals_a_single_process(tiny, tmp_path):
+    _, _, folder = tiny("llava")
+    data = _write_dataset(str(tmp_path / "data"), n=3)
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node"]
+    args = ["evaluate.py", "--model", folder, "--data", data, "--batch-size", "3", "--out"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for n in (1, 2):
+        subprocess.run(base + [str(n), "--master_port", str(29500 + n)] + args + [str(tmp_path / f"n{n}")],
+                       check=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
+    one = (tmp_path / "n1" / "predictions.jsonl").read_text()
+    assert one and one == (tmp_path / "n2" / "predictions.jsonl").read_text()
+
+
+def _pred(id, task, source, name, probs, pred, answer):
+    return dict(id=id, task=task, source=source, intervention=name, probs=probs, pred=pred, answer=answer)
+
+
+def _handmade():
+    """Two sources; a tie broken by pred; a sample missing an intervention."""
+    return [
+        _pred("a", "image_heavy", "cls", "orig", [0.7, 0.2, 0.1], 0, 0),
+        _pred("a", "image_heavy", "cls", "md", [0.1, 0.8, 0.1], 1, 0),
+        _pred("a", "image_heavy", "cls", "uf", [0.6, 0.3, 0.1], 0, 0),
+        _pred("b", "image_heavy", "cls", "orig", [0.5, 0.5, 0.0], 1, 1),
+        _pred("b", "image_heavy", "cls", "md", [0.5, 0.5, 0.0], 0, 1),   # the same tie, another pick: a flip
+        _pred("b", "image_heavy", "cls", "uf", [0.2, 0.7, 0.1], 1, 1),
+        _pred("c", "image_heavy", "cls", "orig", [0.1, 0.1, 0.8], 2, 0),
+        _pred("c", "image_heavy", "cls", "md", [0.1, 0.1, 0.8], 2, 0),   # no uf row for c
+        _pred("t", "text_heavy", "qa", "orig", [0.9, 0.1], 0, 0),
+        _pred("t", "text_heavy", "qa", "fb", [0.4, 0.6], 1, 0),
+        _pred("u", "text_heavy", "qa", "orig", [0.3, 0.7], 1, 1),
+        _pred("u", "text_heavy", "qa", "fb", [0.2, 0.8], 1, 1),
+    ]
+
+
+def test_diagnose_numbers_equal_an_independent_computation(tmp_path):
+    import diagnose
+    path = tmp_path / "run" / "predictions.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(r) + "\n" for r in _handmade()))
+    got = diagnose.diagnose(str(path), n_boot=500, seed=7)
+    assert json.loads((tmp_path / "run" / "diagnosis.json").read_text()) == got
+
+    def boot(flips):
+        rng = np.random.default_rng(7)
+        means = [np.mean([flips[j] for j in rng.integers(0, len(flips), len(flips))]) for _ in range(500)]
+        return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    cls, qa = got["cls"], got["qa"]
+    assert list(cls) == ["orig", "uf", "md"] and list(qa) == ["orig", "fb"]
+    assert cls["orig"] == {"n": 3, "acc": pytest.approx(2 / 3), "delta_cp": 0.0, "ci": [0.0, 0.0], "tv": 0.0}
+    assert cls["md"]["n"] == 3 and cls["md"]["acc"] == 0.0
+    assert cls["md"]["delta_cp"] == pytest.approx(2 / 3)  # a flips, b's tie resolves the other way, c stays
+    assert cls["md"]["tv"] == pytest.approx((0.6 + 0.0 + 0.0) / 3)
+    assert cls["md"]["ci"] == pytest.approx(boot([1, 1, 0]))
+    assert cls["uf"] == {"n": 2, "acc": 1.0, "delta_cp": 0.0, "ci": [0.0, 0.0], "tv": pytest.approx((0.1 + 0.3) / 2)}
+    assert qa["fb"]["delta_cp"] == pytest.approx(0.5) and qa["fb"]["acc"] == pytest.approx(0.5)
+    assert qa["fb"]["ci"] == pytest.approx(boot([1, 0]))
+    assert diagnose.worst(cls) == ("md", 0.0) and diagnose.worst(qa) == ("fb", 0.5)
+    table = diagnose.table(got)
+    assert "| cls | md | 3 | 0.0 | 0.667 |" in table and "worst (md)" in table
+
+
+@pytest.mark.parametrize("edit, line, message", [
+    (lambda rows: rows[4].update(task="text_heavy", intervention="fb"), 5, "id 'b' has task.* on line 4"),
+    (lambda rows: rows[1].update(probs=[0.2, 0.2, 0.2]), 2, "probs must be a distribution"),
+    (lambda rows: rows.pop(8), 9, "'fb' row of id 't' has no 'orig' row"),
+    (lambda rows: rows[0].update(pred=1), 1, "pred 1 is not an argmax"),
+    (lambda rows: rows[3].update(intervention="fb"), 4, "intervention 'fb' does not apply to task 'image_heavy'"),
+    (lambda rows: rows[5].update(intervention="md"), 6, "a second 'md' row for id 'b'"),
+])
+def test_diagnose_reports_bad_predictions_with_their_line(tmp_path, edit, line, message):
+    import diagnose
+    rows = _handmade()
+    edit(rows)
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=re.escape(f"{path}:{line}: ") + message):
+        diagnose.read(str(path))
+
+
+# ---- the toy world ---------------------------------------------------------------------------------------
+
+def test_toy_world_is_deterministic_valid_and_split(tmp_path):
+    cmd = [sys.executable, "data/toy/prepare.py", "--n-train", "20", "--n-test", "10", "--out"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("a", "b"):
+        subprocess.run(cmd + [str(tmp_path / name)], check=True, cwd=here, capture_output=True)
+    for split in ("train", "test"):
+        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+    train = perturb.load_samples(str(tmp_path / "a" / "train.jsonl"))
+    test = perturb.load_samples(str(tmp_path / "a" / "test.jsonl"))
+    assert len(train) == 60 and len(test) == 30
+    assert not {s["id"] for s in train} & {s["id"] for s in test}
+    assert {s["task"] for s in test} == set(TASKS)
+    image = Image.open(train[0]["image"])
+    assert image.size == (32, 32) and image.tobytes() == Image.open(tmp_path / "b" / "images" / "train" /
+                                                                    "00000.png").tobytes()
+    vocab = set((tmp_path / "a" / "vocab.txt").read_text().split())
+    tok = M.make_tokenizer(vocab)
+    for s in train + test:
+        text = perturb.render(perturb.perturb(s, "uf" if s["task"] == "image_heavy" else "orig", 0))
+        assert tok.unk_token_id not in tok(text)["input_ids"], text  # the word-level tokenizer knows every word
