@@ -3,15 +3,18 @@ masked PGD in the input-embedding space (eq. 7), random Gaussian noise (the RG a
 modality mask that says which positions a perturbation may touch. No model code lives here.
 Read next to arXiv 2505.19616, section 4.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
 IGNORE = -100  # label value of every position that is not an answer token
 
 
-def sft_loss(logits, labels):
-    """Mean next-token cross-entropy over answer tokens.  logits (B, L, V), labels (B, L)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+def sft_loss(logits, labels, reduction="mean"):
+    """Next-token cross-entropy over answer tokens ("mean" or "sum").  logits (B, L, V), labels (B, L)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                           reduction=reduction)
 
 
 def answer_logits(logits, labels):
@@ -26,34 +29,36 @@ def answer_logits(logits, labels):
     return out, mask
 
 
-def consistency(logits_orig, logits_pert, kind="js", tau=1.0, mask=None):
+def consistency(logits_orig, logits_pert, kind="js", tau=1.0, mask=None, reduction="mean"):
     """Consistency between answer distributions of an original and a perturbed input.  (N, A, V) each.
     kind="kl": eq. (9), KL(p || q) with p = softmax(l_orig / tau), q = softmax(l_pert / tau).
     kind="js": 0.5 KL(p || m) + 0.5 KL(q || m), m = (p + q) / 2; symmetric and bounded by ln 2.
     The original side is a detached target (as in the authors' code): the model is pulled towards
     its clean answer under perturbation, never the clean answer towards the perturbed one.
-    mask (N, A) marks valid answer tokens; the value is the mean over them."""
+    mask (N, A) marks valid answer tokens; the value is the mean (or "sum") over them."""
     logp = F.log_softmax(logits_orig.detach().float() / tau, -1)
     logq = F.log_softmax(logits_pert.float() / tau, -1)
     if kind == "kl":
         per_token = (logp.exp() * (logp - logq)).sum(-1)
     elif kind == "js":
-        logm = torch.logsumexp(torch.stack([logp, logq]), 0) - torch.log(torch.tensor(2.0))
+        logm = torch.logsumexp(torch.stack([logp, logq]), 0) - math.log(2)
         per_token = 0.5 * (logp.exp() * (logp - logm)).sum(-1) + 0.5 * (logq.exp() * (logq - logm)).sum(-1)
     else:
         raise ValueError(f"consistency kind must be 'kl' or 'js', got {kind!r}")
-    if mask is None:
-        return per_token.mean()
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if mask is not None:
+        per_token = per_token[mask.bool()]
+    return per_token.sum() if reduction == "sum" else per_token.sum() / max(per_token.numel(), 1)
 
 
-def pgd(loss_fn, embeds, mask, eps=1e-3, alpha=0.1, steps=2, sign=False, generator=None):
+def pgd(loss_fn, embeds, mask, eps=1e-3, alpha=0.1, steps=2, sign=False, generator=None, noise=None):
     """Masked L-inf PGD in embedding space; returns delta (B, L, D), |delta| <= eps, 0 where mask is False.
     loss_fn(delta) -> scalar to maximise; it should add delta to DETACHED embeddings, so that the
     attack neither frees nor extends the graph of the clean pass. Only delta gets a gradient
-    (torch.autograd.grad), so parameter .grad fields are left as they were."""
+    (torch.autograd.grad), so parameter .grad fields are left as they were. noise: the standard normal
+    draw behind the init, if the caller wants it per sample (default: drawn here from `generator`)."""
     m = mask[..., None].to(embeds.dtype)                                          # (B, L, 1)
-    noise = torch.randn(embeds.shape, generator=generator, device=embeds.device, dtype=embeds.dtype)
+    if noise is None:
+        noise = torch.randn(embeds.shape, generator=generator, device=embeds.device, dtype=embeds.dtype)
     delta = (noise * eps).clamp(-eps, eps) * m                                    # init N(0, eps^2), projected
     for _ in range(steps):
         delta.requires_grad_(True)
@@ -63,9 +68,10 @@ def pgd(loss_fn, embeds, mask, eps=1e-3, alpha=0.1, steps=2, sign=False, generat
     return delta
 
 
-def gaussian_noise(embeds, mask, sigma=0.05, generator=None):
+def gaussian_noise(embeds, mask, sigma=0.05, generator=None, noise=None):
     """The RG ablation: delta ~ N(0, sigma^2) on the masked positions, zero elsewhere.  (B, L, D)"""
-    noise = torch.randn(embeds.shape, generator=generator, device=embeds.device, dtype=embeds.dtype)
+    if noise is None:
+        noise = torch.randn(embeds.shape, generator=generator, device=embeds.device, dtype=embeds.dtype)
     return noise * sigma * mask[..., None].to(embeds.dtype)
 
 

@@ -94,6 +94,17 @@ def load(name_or_path, dtype=None, device=None, trust_remote_code=False):
     return model.to(device) if device is not None else model, processor
 
 
+def save(model, processor, folder, state_dict=None):
+    """A Hugging Face folder: safetensors weights, config and processor (SPEC section 6)."""
+    model.save_pretrained(folder, state_dict=state_dict)
+    if isinstance(processor, QwenImageProcessor):  # cannot be saved whole without torchvision
+        processor.tokenizer.save_pretrained(folder)
+        processor.image_processor.save_pretrained(folder)
+    else:
+        processor.save_pretrained(folder)
+    return folder
+
+
 def image_size(processor):
     """Side of the square the family's vision encoder sees: canvases and random pixels are drawn at it."""
     return FAMILIES[family(processor)]["image_size"](processor.image_processor)
@@ -276,15 +287,8 @@ def make_tiny(family, folder, words=(), seed=0):
         processor = transformers.InstructBlipProcessor(ip, tok, make_tokenizer(words), num_query_tokens=4)
     else:
         raise ValueError(f"unknown family {family!r}: expected one of {sorted(FAMILIES)}")
-    model = FAMILIES[family]["cls"](config)
     os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder)
-    if family == "qwen2.5-vl":  # a Qwen processor cannot be saved whole without torchvision
-        tok.save_pretrained(folder)
-        ip.save_pretrained(folder)
-    else:
-        processor.save_pretrained(folder)
-    return folder
+    return save(FAMILIES[family]["cls"](config), processor, folder)
 
 
 if __name__ == "__main__":  # python model.py FAMILY FOLDER [VOCAB_FILE]

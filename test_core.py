@@ -748,3 +748,170 @@ def test_toy_world_is_deterministic_valid_and_split(tmp_path):
     for s in train + test:
         text = perturb.render(perturb.perturb(s, "uf" if s["task"] == "image_heavy" else "orig", 0))
         assert tok.unk_token_id not in tok(text)["input_ids"], text  # the word-level tokenizer knows every word
+
+
+# ---- train.py --------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PRESET_TERMS = {"fft-vqa": (False, False), "fft-aug": (False, False), "kl": (False, True), "js": (False, True),
+                "rg": (True, False), "pgd": (True, False), "ours": (True, True)}  # (adversarial, consistency)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """2 image-heavy, 2 text-heavy and 4 VQA toy samples (one global batch of 8 at the default ratios),
+    and tiny models of each family that know the toy words."""
+    root = tmp_path_factory.mktemp("toy")
+    subprocess.run([sys.executable, "data/toy/prepare.py", "--n-train", "4", "--n-test", "1", "--out", str(root)],
+                   check=True, cwd=HERE, capture_output=True)
+    rows = [json.loads(line) for line in open(root / "train.jsonl")]
+    keep = [r for t, n in (("image_heavy", 2), ("text_heavy", 2), ("vqa", 4)) for r in
+            [r for r in rows if r["task"] == t][:n]]
+    (root / "mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    words = (root / "vocab.txt").read_text().split()
+    models = {fam: M.make_tiny(fam, str(root / fam), words) for fam in FAMILIES}
+    return str(root / "mini.jsonl"), models
+
+
+def _train(argv, monkeypatch):
+    """Runs train.py in this process (a process group of one) and returns its globals."""
+    import runpy
+    env = dict(os.environ)
+    monkeypatch.setattr(sys, "argv", ["train.py"] + argv)
+    try:
+        return runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def _metrics(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+
+
+def _weights(folder):
+    """The parameters of a saved folder as plain transformers loads them."""
+    return dict(transformers.AutoModelForImageTextToText.from_pretrained(folder).named_parameters())
+
+
+@pytest.mark.parametrize("preset", list(PRESET_TERMS) + ["vanilla"])
+def test_each_preset_trains_only_what_it_should(toy, tmp_path, monkeypatch, preset):
+    data, models = toy
+    out = str(tmp_path / preset)
+    _train(["--model", models["llava"], "--data", data, "--out", out, "--preset", preset, "--lr", "1e-3",
+            "--eps", "0.05"] + ([] if preset == "vanilla" else ["--max-steps", "2"]), monkeypatch)
+    before, after = _weights(models["llava"]), _weights(out)
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if k.startswith("model.vision_tower.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # the vision tower never changes
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    if preset == "vanilla":
+        assert not changed and not _metrics(out)  # no training: the base model, exported for evaluation
+        return
+    assert any(k.startswith("model.multi_modal_projector.") for k in changed)
+    assert any(k.startswith("model.language_model.layers.") for k in changed)
+    adversarial, consistent = PRESET_TERMS[preset]
+    for row in _metrics(out):
+        assert (row["adv"] > 0) == adversarial and (row["cons"] > 0) == consistent and row["sft"] > 0
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_the_output_folder_is_the_trained_model_for_plain_transformers(toy, tmp_path, monkeypatch, fam):
+    data, models = toy
+    out = str(tmp_path / fam)
+    g = _train(["--model", models[fam], "--data", data, "--out", out, "--max-steps", "2", "--lr", "1e-3"], monkeypatch)
+    trained = g["full"]  # the weights the training process held at the end, gathered from its shards
+    plain = transformers.AutoModelForImageTextToText.from_pretrained(out).eval()
+    state = plain.state_dict()
+    assert set(state) <= set(trained) and all(torch.equal(state[k], trained[k]) for k in state)
+    base, processor = M.load(models[fam])
+    base.load_state_dict(trained)
+    batch = M.collate(processor, [perturb.perturb(s, "orig", 0, size=M.image_size(processor))
+                                  for s in perturb.load_samples(data)])
+    with torch.no_grad():
+        assert torch.equal(plain(**M.model_inputs(batch)).logits, base.eval()(**M.model_inputs(batch)).logits)
+    frozen = M.FAMILIES[fam]["frozen"]
+    original = dict(M.load(models[fam])[0].named_parameters())
+    assert all(torch.equal(q, original[n]) for n, q in plain.named_parameters() if n.startswith(frozen))
+    if fam == "instructblip":
+        assert any(n.startswith("qformer.") for n, _ in plain.named_parameters())
+
+
+def test_two_processes_train_like_one_and_the_loss_falls(toy, tmp_path):
+    data, models = toy
+    common = ["train.py", "--model", models["llava"], "--data", data, "--max-steps", "6", "--lr", "2e-3",
+              "--warmup", "0", "--eps", "0.05", "--out"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable] + common + [str(tmp_path / "one"), "--batch-size", "8"], check=True, cwd=HERE,
+                   env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+                   + common + [str(tmp_path / "two"), "--batch-size", "4"], check=True, cwd=HERE, env=env,
+                   capture_output=True)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        for k in ("loss", "sft", "adv", "cons", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+    assert one[-1]["sft"] < one[0]["sft"] and one[-1]["loss"] < one[0]["loss"]
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_a_killed_run_resumes_with_the_same_losses(toy, tmp_path):
+    import signal
+    import time
+    data, models = toy
+    argv = [sys.executable, "train.py", "--model", models["llava"], "--data", data, "--max-steps", "30",
+            "--save-every", "3", "--lr", "1e-3", "--eps", "0.05", "--out"]
+    subprocess.run(argv + [str(tmp_path / "whole")], check=True, cwd=HERE, capture_output=True)
+    run = subprocess.Popen(argv + [str(tmp_path / "cut")], cwd=HERE, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    while not (tmp_path / "cut" / "ckpt-00000006").exists() and run.poll() is None:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not (tmp_path / "cut" / "model.safetensors").exists()  # it really died before the end
+    subprocess.run(argv + [str(tmp_path / "cut"), "--resume"], check=True, cwd=HERE, capture_output=True)
+    whole, cut = _metrics(tmp_path / "whole"), _metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(30))
+    for a, b in zip(whole, cut):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["lr"] == b["lr"]
+    w1, w2 = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+
+
+def test_bad_training_data_fails_before_training_naming_the_line(toy, tmp_path):
+    data, models = toy
+    lines = open(data).read().splitlines()
+    lines[2] = lines[2].replace('"answer": ', '"answer": 9, "x": ')
+    bad = os.path.join(os.path.dirname(data), "bad.jsonl")  # beside the images it refers to
+    open(bad, "w").write("\n".join(lines) + "\n")
+    res = subprocess.run([sys.executable, "train.py", "--model", models["llava"], "--data", bad, "--out",
+                          str(tmp_path / "out")], cwd=HERE, capture_output=True, text=True)
+    assert res.returncode != 0 and f"error: {bad}:3: answer 9 is not among" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_non_finite_losses_skip_steps_and_then_stop(toy, tmp_path, monkeypatch):
+    data, models = toy
+    out = str(tmp_path / "nan")
+    with pytest.raises(SystemExit, match="2 non-finite losses in a row"):
+        _train(["--model", models["llava"], "--data", data, "--out", out, "--max-steps", "6", "--lr", "1e30",
+                "--warmup", "0", "--max-bad-steps", "2"], monkeypatch)
+    rows = _metrics(out)
+    assert len(rows) >= 1 and all(math.isfinite(r["loss"]) for r in rows)
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_accumulation_and_activation_checkpointing_leave_the_step_unchanged(toy, tmp_path, monkeypatch):
+    data, models = toy
+    common = ["--model", models["llava"], "--data", data, "--max-steps", "3", "--lr", "1e-3", "--eps", "0.05"]
+    _train(common + ["--out", str(tmp_path / "plain")], monkeypatch)
+    _train(common + ["--out", str(tmp_path / "accum"), "--batch-size", "4", "--grad-accum", "2"], monkeypatch)
+    g = _train(common + ["--out", str(tmp_path / "ckpt"), "--activation-checkpointing"], monkeypatch)
+    assert g["hf_model"].is_activation_checkpointing
+    plain = _metrics(tmp_path / "plain")
+    for other in ("accum", "ckpt"):
+        for a, b in zip(plain, _metrics(tmp_path / other)):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                       rel=1e-4)

@@ -1,0 +1,448 @@
+"""Fine-tunes a multimodal LLM against modality interference (arXiv 2505.19616, eq. 10):
+L = L_sft + L_adv + lambda_cons * L_cons over image-heavy, text-heavy (each with a heuristically
+perturbed twin) and VQA samples, with masked PGD on the task-irrelevant modality's embeddings.
+One process, or FSDP2 under torchrun; every default below is a flag, and --preset sets a few.
+  python train.py --model out/toy/base --data data/toy/train.jsonl --preset ours --out out/toy/ours
+  torchrun --nproc_per_node 4 train.py --model llava-1.5-7b --data data/caltech101 data/mmlu ... --out out/7b
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+import losses
+import model as M
+import perturb
+from evaluate import progress
+
+PRESETS = {  # the rows of the paper's ablation (Table 5); flags given explicitly win
+    "vanilla": dict(max_steps=0),  # no training: the base model, exported for evaluation
+    "fft-vqa": dict(ratio_image=0.0, ratio_text=0.0, aug=False, cons="none", adv="none"),
+    "fft-aug": dict(aug=True, cons="none", adv="none"),
+    "kl": dict(aug=True, cons="kl", adv="none"),
+    "js": dict(aug=True, cons="js", adv="none"),
+    "rg": dict(aug=True, cons="none", adv="rg"),
+    "pgd": dict(aug=True, cons="none", adv="pgd"),
+    "ours": dict(aug=True, cons="js", adv="pgd"),
+}
+TWINS = {"image_heavy": ("uf", "md"), "text_heavy": ("ri", "fb", "fw")}  # heuristic perturbations to train on
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("--preset", choices=list(PRESETS), default="ours")
+# I/O
+p.add_argument("--model", default="llava-1.5-7b", help="alias, hub id or local folder")
+p.add_argument("--data", nargs="+", default=["data/toy/train.jsonl"], help="JSONL files or folders with train.jsonl")
+p.add_argument("--out", default="out/train", help="the output Hugging Face folder, checkpoints and metrics.jsonl")
+p.add_argument("--save-every", type=int, default=500, help="steps between resumable checkpoints")
+p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+# data
+p.add_argument("--ratio-image", type=float, default=0.25, help="share of image-heavy originals per batch")
+p.add_argument("--ratio-text", type=float, default=0.25, help="share of text-heavy originals; VQA takes the rest")
+p.add_argument("--aug", action=argparse.BooleanOptionalAction, default=True, help="add a perturbed twin per original")
+p.add_argument("--k-facts", type=int, default=10, help="unrelated facts prepended by UF")
+p.add_argument("--ri-folder", default=None, help="real images for RI twins (default: the data's image-heavy images)")
+p.add_argument("--max-length", type=int, default=2048, help="a longer sample is an error, never truncated")
+# method
+p.add_argument("--cons", choices=["none", "kl", "js"], default="js", help="consistency loss (eq. 9 for kl)")
+p.add_argument("--lambda-cons", type=float, default=0.01)
+p.add_argument("--tau", type=float, default=1.0)
+p.add_argument("--adv", choices=["none", "pgd", "rg"], default="pgd", help="adversarial term: PGD or random Gaussian")
+p.add_argument("--eps", type=float, default=None, help="PGD L-inf radius (default 1e-3; 1e-4 for 13B models)")
+p.add_argument("--alpha", type=float, default=0.1, help="PGD step size (eq. 7)")
+p.add_argument("--pgd-steps", type=int, default=2)
+p.add_argument("--pgd-sign", action="store_true", help="sign-gradient steps instead of eq. 7's raw gradient")
+p.add_argument("--sigma", type=float, default=0.05, help="std of the RG noise")
+# optimisation
+p.add_argument("--lr", type=float, default=2e-5)
+p.add_argument("--min-lr", type=float, default=0.0)
+p.add_argument("--warmup", type=float, default=0.03, help="share of steps with linear warm-up, then cosine")
+p.add_argument("--epochs", type=float, default=1.0)
+p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
+p.add_argument("--batch-size", type=int, default=8, help="originals per GPU per micro-step (twins come on top)")
+p.add_argument("--grad-accum", type=int, default=1)
+p.add_argument("--weight-decay", type=float, default=1e-4)
+p.add_argument("--adam-eps", type=float, default=1e-6)
+p.add_argument("--grad-clip", type=float, default=1.0)
+# system
+p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: bf16 on GPU)")
+p.add_argument("--cpu-offload", choices=["auto", "on", "off"], default="auto", help="auto: on for GPU and > 3B params")
+p.add_argument("--activation-checkpointing", action="store_true")
+p.add_argument("--seed", type=int, default=2024)
+p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite losses in a row")
+p.add_argument("--trust-remote-code", action="store_true")
+preset = p.parse_known_args()[0].preset
+p.set_defaults(**PRESETS[preset])
+args = p.parse_args()
+if args.eps is None:
+    args.eps = 1e-4 if "13b" in args.model.lower() else 1e-3
+
+# ---- distributed setup: torchrun's environment decides -----------------------------------------------------
+if "RANK" not in os.environ:  # plain `python train.py`: a group of one, so that one code path serves both
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+master = rank == 0
+device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+if device.type == "cuda":
+    torch.cuda.set_device(device)
+dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+torch.manual_seed(args.seed)  # the same initial state everywhere; per-sample noise is seeded by sample id
+
+
+def log(*a):
+    if master:
+        print(*a, flush=True)
+
+
+def all_sum(t):
+    dist.all_reduce(t)
+    return t
+
+
+# ---- data: bad files fail here, before any model is loaded ------------------------------------------------
+paths = [os.path.join(d, "train.jsonl") if os.path.isdir(d) else d for d in args.data]
+try:
+    samples = [s for path in paths for s in perturb.load_samples(path)]
+except (perturb.DataError, FileNotFoundError) as e:  # messages written for people: file, line, what to do
+    sys.exit(f"error: {e}")
+ratios = {"image_heavy": args.ratio_image, "text_heavy": args.ratio_text,
+          "vqa": max(0.0, 1.0 - args.ratio_image - args.ratio_text)}
+pools = {t: [s for s in samples if s["task"] == t] for t in ratios if ratios[t] > 0}
+pools = {t: pool for t, pool in pools.items() if pool}
+if not pools:
+    sys.exit(f"no training samples for the tasks with a positive ratio {ratios} in {paths}")
+G = args.batch_size * world * args.grad_accum  # originals per optimizer step, all ranks
+norm = sum(ratios[t] for t in pools)
+counts = {t: max(1, round(G * ratios[t] / norm)) for t in pools}
+counts[max(counts, key=counts.get)] += G - sum(counts.values())
+# an epoch shows every sample at least once: the pool that needs the most steps decides
+steps_per_epoch = max(math.ceil(len(pools[t]) / counts[t]) for t in pools)
+max_steps = args.max_steps if args.max_steps is not None else math.ceil(args.epochs * steps_per_epoch)
+ri_images = None
+if args.aug and "text_heavy" in pools:
+    if args.ri_folder is None and not any(s["task"] == "image_heavy" for s in samples):
+        sys.exit("text-heavy twins need real images for RI: pass --ri-folder or add image-heavy data")
+    ri_images = perturb.ri_pool(samples, args.ri_folder)
+log(f"{len(samples)} samples from {len(paths)} files; per step {counts} originals "
+    f"({'+ twins' if args.aug else 'no twins'}); {max_steps} steps ({steps_per_epoch}/epoch)")
+
+
+def permutation(task, cycle):
+    return random.Random(f"{args.seed}/{task}/{cycle}").sample(range(len(pools[task])), len(pools[task]))
+
+
+def originals(step):
+    """The global batch of `step`: each pool is an endless stream of reshuffled passes, so the batch
+    depends on (seed, step) only and a resumed run sees exactly the batches it would have seen."""
+    out = []
+    for task in pools:
+        n, k = len(pools[task]), counts[task]
+        for j in range(step * k, (step + 1) * k):
+            out.append(pools[task][permutation(task, j // n)[j % n]])
+    return out
+
+
+def twin(s, step):
+    """A heuristic perturbation of s drawn from its task's training interventions (train pool)."""
+    rng = random.Random(f"{args.seed}/{step}/{s['id']}/twin")
+    name = rng.choice(TWINS[s["task"]])
+    return perturb.perturb(s, name, rng, size=M.image_size(processor), pool="train", ri_images=ri_images,
+                           k=args.k_facts)
+
+
+def micro_batches(step):
+    """This rank's micro-batches: originals, then their twins; `pairs` links each twin row to its original."""
+    mine = originals(step)
+    out = []
+    for m in range(args.grad_accum):
+        part = mine[m * world + rank::world * args.grad_accum]
+        twins = [(i, twin(s, step)) for i, s in enumerate(part) if args.aug and s["task"] in TWINS]
+        rows = [perturb.perturb(s, "orig", 0, size=M.image_size(processor)) for s in part] + [t for _, t in twins]
+        batch = M.collate(processor, rows, train=True, max_length=args.max_length)
+        batch["ids"] = [s["id"] + ("" if r < len(part) else "/twin") for r, s in enumerate(rows)]
+        batch["pairs"] = [(i, len(part) + j) for j, (i, _) in enumerate(twins)]
+        out.append(batch)
+    return out
+
+
+# ---- model: frozen vision encoder, FSDP2 per layer, then the root ----------------------------------------
+hf_model, processor = M.load(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+M.freeze(hf_model)
+if args.activation_checkpointing:
+    hf_model.activation_checkpointing_enable({"use_reentrant": False})
+M.train_mode(hf_model)
+
+
+class Step(torch.nn.Module):
+    """Routes both halves of a pass through one root forward, so FSDP2 gathers the root's own weights
+    (embedding table, projector, lm head) around each: step(batch) embeds, step(batch, embeds) gives logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, embeds=None):
+        return M.embed(self.model, batch) if embeds is None else M.logits(self.model, embeds, batch)
+
+
+step_model = Step(hf_model)
+n_params = sum(q.numel() for q in hf_model.parameters())
+offload = args.cpu_offload == "on" or (args.cpu_offload == "auto" and device.type == "cuda" and n_params > 3e9)
+policy = dict(mesh=init_device_mesh(device.type, (world,)),
+              mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
+if offload:
+    policy["offload_policy"] = CPUOffloadPolicy()
+blocks = [child for parent in hf_model.modules() if isinstance(parent, torch.nn.ModuleList) for child in parent
+          if type(child).__name__ in hf_model._no_split_modules]
+for block in blocks:  # every transformer block of the vision tower and the LLM, the torchtune way
+    fully_shard(block, **policy)
+fully_shard(step_model, **policy)
+trainable = [(n, q) for n, q in step_model.named_parameters() if q.requires_grad]
+decay = [q for n, q in trainable if q.ndim >= 2]
+no_decay = [q for n, q in trainable if q.ndim < 2]  # biases and norms, as the Hugging Face Trainer does
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=args.lr, eps=args.adam_eps)
+log(f"{n_params / 1e6:.1f}M parameters, {sum(q.numel() for _, q in trainable) / 1e6:.1f}M trained; "
+    f"FSDP2 over {world} rank{'s' if world > 1 else ''} on {device}, {dtype}"
+    f"{', CPU offload' if offload else ''}; preset {args.preset}")
+
+
+def get_lr(step):
+    """Linear warm-up, then cosine to min_lr; a function of the step, so resuming needs no state."""
+    warm = max(1, int(args.warmup * max_steps))
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    progress_ = (step - warm) / max(1, max_steps - warm)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+
+# ---- checkpoints: per-rank shards in a temporary folder, renamed when complete ----------------------------
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def checkpoints():
+    if not os.path.isdir(args.out):
+        return []
+    return sorted(d for d in os.listdir(args.out) if d.startswith("ckpt-"))
+
+
+def save_checkpoint(step):
+    tmp, final = os.path.join(args.out, f".tmp-ckpt-{step:08d}"), os.path.join(args.out, f"ckpt-{step:08d}")
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    save_file({n: local(q).detach().cpu().contiguous() for n, q in trainable}, f"{tmp}/model.rank{rank}.safetensors")
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: local(v).cpu() for k, v in s.items()} for i, s in state["state"].items()}
+    torch.save(state, f"{tmp}/optim.rank{rank}.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0)},
+               f"{tmp}/rng.rank{rank}.pt")
+    dist.barrier()
+    if master:
+        with open(f"{tmp}/state.json", "w") as f:
+            json.dump({"step": step, "world": world, "args": vars(args)}, f, indent=1)
+        os.replace(tmp, final)  # a kill before this line leaves only a .tmp folder, which resume ignores
+        for old in checkpoints()[:-1]:
+            shutil.rmtree(os.path.join(args.out, old))
+    dist.barrier()
+
+
+def load_checkpoint(folder):
+    with open(f"{folder}/state.json") as f:
+        state = json.load(f)
+    if state["world"] != world:
+        sys.exit(f"{folder} was written by {state['world']} processes; resume with the same number (now {world})")
+    weights = load_file(f"{folder}/model.rank{rank}.safetensors")
+    with torch.no_grad():
+        for n, q in trainable:
+            local(q).copy_(weights[n])
+    opt = torch.load(f"{folder}/optim.rank{rank}.pt", weights_only=True)
+    params = [q for group in optimizer.param_groups for q in group["params"]]
+    for i, s in opt["state"].items():
+        q = params[int(i)]
+        for k, v in s.items():
+            if hasattr(q, "to_local") and v.shape == local(q).shape and v.ndim > 0:
+                s[k] = DTensor.from_local(v.to(local(q).device), q.device_mesh,
+                                                                   q.placements, shape=q.shape, stride=q.stride())
+    optimizer.load_state_dict(opt)
+    rng = torch.load(f"{folder}/rng.rank{rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate((3, tuple(rng["python"]), None))
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"]
+
+
+start = 0
+if args.resume and checkpoints():
+    start = load_checkpoint(os.path.join(args.out, checkpoints()[-1]))
+    log(f"resumed from {checkpoints()[-1]} at step {start}")
+if master:
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    kept = []
+    if args.resume and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < start]
+    with open(metrics_path, "w") as f:
+        f.writelines(kept)
+
+
+# ---- the objective (eq. 10) -------------------------------------------------------------------------------
+
+def to_device(batch):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def rows_of(batch, rows):
+    """The language-path entries of a batch restricted to some rows (one image per sample)."""
+    idx = torch.tensor(rows, device=batch["input_ids"].device)
+    keys = set(M.FAMILIES[M.family(hf_model)]["lm_keys"]) | {"labels", "input_ids", "attention_mask"}
+    return {k: batch[k][idx] for k in keys if k in batch}
+
+
+def cat_rows(a, b):
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def noise_like(embeds, ids, step, kind):
+    """Standard normal noise per sample, seeded by (seed, step, sample id): the same values whatever the
+    padding, rank or process count, so one process and many compute the same step."""
+    noise = torch.zeros_like(embeds)
+    for r, sid in enumerate(ids):
+        key = hashlib.sha256(f"{args.seed}/{step}/{sid}/{kind}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+        noise[r] = torch.randn(embeds.shape[1:], generator=g).to(embeds.device, embeds.dtype)
+    return noise
+
+
+def token_counts(batch):
+    """Answer tokens entering each loss term, for normalising by the global count (all ranks, micro-steps)."""
+    labels = batch["labels"]
+    answers = (labels[:, 1:] != losses.IGNORE).sum(1)
+    image_mask = batch["input_ids"] == hf_model.config.image_token_id
+    mask = losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"])
+    adv_rows = mask.any(1) if args.adv != "none" else torch.zeros(len(labels), dtype=torch.bool)
+    cons = 0
+    if args.cons != "none":  # each original against its twin and the adversarial versions of both
+        for o, t in batch["pairs"]:
+            both = int(min(answers[o], answers[t]))
+            cons += both + int(adv_rows[o]) * int(answers[o]) + int(adv_rows[t]) * both
+    return torch.tensor([float(answers.sum()), float(answers[adv_rows].sum()), float(cons)])
+
+
+def loss_parts(batch, step, totals):
+    """L_sft, L_adv and L_cons of one micro-batch, each a sum divided by its global count."""
+    embeds, image_mask = step_model(batch)
+    labels, n = batch["labels"], len(batch["labels"])
+    mask = losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"])
+    adv = [r for r in range(n) if mask[r].any()] if args.adv != "none" else []
+    all_embeds, all_batch = embeds, batch
+    if adv:
+        sub, base, sub_mask = rows_of(batch, adv), embeds[adv].detach(), mask[adv]
+        noise = noise_like(base, [batch["ids"][r] for r in adv], step, args.adv)
+        if args.adv == "pgd":  # gradients w.r.t. delta only: the attack leaves parameter .grad alone
+            # the attacked loss is L_adv's own normalisation (the global batch mean, as the authors' per-batch
+            # mean): each sample's step is then the same however the batch is split over ranks
+            delta = losses.pgd(lambda d: losses.sft_loss(step_model(sub, base + d), sub["labels"], "sum") / totals[1],
+                               base, sub_mask, args.eps, args.alpha, args.pgd_steps, args.pgd_sign, noise=noise)
+        else:
+            delta = losses.gaussian_noise(base, sub_mask, args.sigma, noise=noise)
+        all_embeds = torch.cat([embeds, embeds[adv] + delta])  # clean graph kept: L_adv trains the projector too
+        all_batch = cat_rows(rows_of(batch, list(range(n))), sub)
+    logits = step_model(all_batch, all_embeds)  # one pass over [clean; adversarial]
+    sft = losses.sft_loss(logits[:n], labels, "sum") / totals[0].clamp(min=1)
+    adv_loss = losses.sft_loss(logits[n:], all_batch["labels"][n:], "sum") / totals[1].clamp(min=1) if adv \
+        else logits.sum() * 0
+    cons = logits.sum() * 0
+    if args.cons != "none" and batch["pairs"]:
+        answer, answer_mask = losses.answer_logits(logits, all_batch["labels"])
+        where = {r: n + j for j, r in enumerate(adv)}
+        pairs = [(o, q) for o, t in batch["pairs"] for q in (t, where.get(o), where.get(t)) if q is not None]
+        o, q = zip(*pairs)
+        o, q = list(o), list(q)
+        cons = losses.consistency(answer[o], answer[q], args.cons, args.tau, answer_mask[o] & answer_mask[q],
+                                  "sum") / totals[2].clamp(min=1)
+    return sft, adv_loss, cons
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+bad, t0, tokens_seen = 0, time.time(), 0
+for step in range(start, max_steps):
+    lr = get_lr(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batches = [to_device(b) for b in micro_batches(step)]
+    totals = all_sum(sum(token_counts(b) for b in batches).to(device))
+    parts = torch.zeros(3, device=device)
+    skipped = False
+    for batch in batches:
+        sft, adv_loss, cons = loss_parts(batch, step, totals)
+        loss = (sft + adv_loss + args.lambda_cons * cons) * world  # FSDP averages gradients over ranks
+        finite = all_sum(torch.tensor([float(torch.isfinite(loss))], device=device))
+        if finite.item() < world:  # every rank must agree, or the collectives of backward would hang
+            skipped = True
+            break
+        loss.backward()
+        parts += torch.stack([sft, adv_loss, cons]).detach()
+        tokens_seen += int(batch["attention_mask"].sum())
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+        bad += 1
+        log(f"\nwarning: step {step}: non-finite loss, step skipped ({bad} in a row)")
+        if bad >= args.max_bad_steps:
+            sys.exit(f"stopping: {bad} non-finite losses in a row (lower --lr, check the data)")
+        continue
+    bad = 0
+    grad_norm = torch.nn.utils.clip_grad_norm_([q for _, q in trainable], args.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    parts = all_sum(parts)
+    sft, adv_loss, cons = parts.tolist()
+    total = sft + adv_loss + args.lambda_cons * cons
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "lr": lr, "loss": total, "sft": sft, "adv": adv_loss, "cons": cons,
+                                "grad_norm": grad_norm, "time": time.time() - t0}) + "\n")
+        progress(step + 1 - start, max_steps - start, t0, "steps",
+                 f"| loss {total:.4f} (sft {sft:.4f} adv {adv_loss:.4f} cons {cons:.4f}) | "
+                 f"{tokens_seen * world / (time.time() - t0):.0f} tok/s")
+    if (step + 1) % args.save_every == 0 or step + 1 == max_steps:
+        save_checkpoint(step + 1)
+
+# ---- the output: a Hugging Face folder that plain transformers loads --------------------------------------
+full = get_model_state_dict(step_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if master:
+    full = {k.removeprefix("model."): v for k, v in full.items()}
+    tmp = os.path.join(args.out, ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    M.save(hf_model, processor, tmp, state_dict=full)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(args.out, name))
+    os.rmdir(tmp)
+    log(f"wrote {args.out}")
+dist.barrier()
+dist.destroy_process_group()
