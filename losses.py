@@ -11,21 +11,26 @@ import torch.nn.functional as F
 IGNORE = -100  # label value of every position that is not an answer token
 
 
-def sft_loss(logits, labels, reduction="mean"):
-    """Next-token cross-entropy over answer tokens ("mean" or "sum").  logits (B, L, V), labels (B, L)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                           reduction=reduction)
+def sft_loss(logits, labels, reduction="mean", shift=True):
+    """Cross-entropy over answer tokens ("mean" or "sum").  logits (B, L, V), labels (B, L).
+    shift: logits at t predict the label at t + 1 (a causal LM's own layout); without it, logits and
+    labels are already aligned (logits computed only where an answer token is predicted)."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
 
 
-def answer_logits(logits, labels):
+def answer_logits(logits, labels, shift=True):
     """Logits that predict each answer token, left-aligned: (B, L, V) -> (B, A, V) and a (B, A) mask.
     A perturbation can shift positions (UF and MD prepend text), so pairs are aligned by answer order."""
-    target = labels[:, 1:] != IGNORE                        # logits at t predict the token at t + 1
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    target = labels != IGNORE
     counts = target.sum(1)
     A = int(counts.max()) if counts.numel() else 0
     out = logits.new_zeros(logits.shape[0], A, logits.shape[-1])
     mask = torch.arange(A, device=labels.device)[None, :] < counts[:, None]
-    out[mask] = logits[:, :-1][target]
+    out[mask] = logits[target]
     return out, mask
 
 

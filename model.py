@@ -194,11 +194,13 @@ def embed(model, batch):
     return embeds, image_mask
 
 
-def logits(model, inputs_embeds, batch):
-    """Logits (B, L, V) of the language model on (possibly perturbed) input embeddings."""
+def logits(model, inputs_embeds, batch, keep=None):
+    """Logits (B, L, V) of the language model on (possibly perturbed) input embeddings; with `keep`
+    (a 1-D tensor of positions) only those (B, len(keep), V): the lm head is costly for small models."""
     f = FAMILIES[family(model)]
     lm = getattr(model, f["lm"]) if f["lm"] else model
-    return lm(inputs_embeds=inputs_embeds, **{k: batch[k] for k in f["lm_keys"]}).logits
+    return lm(inputs_embeds=inputs_embeds, logits_to_keep=0 if keep is None else keep,
+              **{k: batch[k] for k in f["lm_keys"]}).logits
 
 
 def freeze(model):
@@ -244,17 +246,19 @@ def make_tokenizer(words=(), image_token="<image>"):
     return tok
 
 
-def make_tiny(family, folder, words=(), seed=0):
+def make_tiny(family, folder, words=(), seed=0, hidden=32, layers=2, heads=2, vision_hidden=32, vision_layers=2):
     """Write a tiny random-init checkpoint of the family's real transformers class, with an offline
     tokenizer and processor, loadable by load(folder) exactly like a hub checkpoint."""
     torch.manual_seed(seed)
     # InstructBlipProcessor wants a tokenizer without an `image_token` attribute (it adds its own)
     tok = make_tokenizer(words, {"qwen2.5-vl": "<|image_pad|>", "instructblip": None}.get(family, "<image>"))
     V, ids = len(tok), tok.convert_tokens_to_ids
-    text = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=ids("<pad>"),
-                bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), tie_word_embeddings=False)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
+                pad_token_id=ids("<pad>"), bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), tie_word_embeddings=False)
+    vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+                  num_attention_heads=2)
+    half = hidden // heads // 2  # Qwen's M-RoPE splits half the head dimension over (time, height, width)
     if family == "llava":
         config = transformers.LlavaConfig(
             vision_config=transformers.CLIPVisionConfig(**vision, image_size=32, patch_size=8),
@@ -266,13 +270,15 @@ def make_tiny(family, folder, words=(), seed=0):
                                                 num_additional_image_tokens=1)
     elif family == "qwen2.5-vl":
         tok.eos_token = "<|im_end|>"  # the Instruct checkpoints end a turn with it
+        sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
         text.update(num_key_value_heads=1, eos_token_id=ids("<|im_end|>"),
-                    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+                    rope_parameters={"rope_type": "default", "mrope_section": sections, "rope_theta": 10000.0})
         config = transformers.Qwen2_5_VLConfig(
             text_config=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
             vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                               patch_size=14, window_size=112, fullatt_block_indexes=[1]))
+            vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                               num_heads=2, out_hidden_size=hidden,
+                               patch_size=14, window_size=112, fullatt_block_indexes=[vision_layers - 1]))
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
         processor = QwenImageProcessor(image_processor=ip, tokenizer=tok)
@@ -280,7 +286,7 @@ def make_tiny(family, folder, words=(), seed=0):
         config = transformers.InstructBlipConfig(
             vision_config=dict(**vision, image_size=32, patch_size=8),
             qformer_config=dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, encoder_hidden_size=32, pad_token_id=ids("<pad>")),
+                                intermediate_size=64, encoder_hidden_size=vision_hidden, pad_token_id=ids("<pad>")),
             text_config=dict(model_type="llama", **text), num_query_tokens=4, image_token_index=ids("<image>"))
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
         ip = BlipImageProcessorPil(size={"height": 32, "width": 32})

@@ -84,6 +84,8 @@ p.add_argument("--activation-checkpointing", action="store_true")
 p.add_argument("--seed", type=int, default=2024)
 p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite losses in a row")
 p.add_argument("--trust-remote-code", action="store_true")
+p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+               help="keep the vision encoder (InstructBLIP: and Q-Former) fixed, as the paper; off to pretrain one")
 preset = p.parse_known_args()[0].preset
 p.set_defaults(**PRESETS[preset])
 args = p.parse_args()
@@ -184,10 +186,11 @@ def micro_batches(step):
 
 # ---- model: frozen vision encoder, FSDP2 per layer, then the root ----------------------------------------
 hf_model, processor = M.load(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
-M.freeze(hf_model)
+if args.freeze_vision:
+    M.freeze(hf_model)
 if args.activation_checkpointing:
     hf_model.activation_checkpointing_enable({"use_reentrant": False})
-M.train_mode(hf_model)
+M.train_mode(hf_model) if args.freeze_vision else hf_model.train()
 
 
 class Step(torch.nn.Module):
@@ -198,8 +201,8 @@ class Step(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch, embeds=None):
-        return M.embed(self.model, batch) if embeds is None else M.logits(self.model, embeds, batch)
+    def forward(self, batch, embeds=None, keep=None):
+        return M.embed(self.model, batch) if embeds is None else M.logits(self.model, embeds, batch, keep)
 
 
 step_model = Step(hf_model)
@@ -353,10 +356,17 @@ def token_counts(batch):
     return torch.tensor([float(answers.sum()), float(answers[adv_rows].sum()), float(cons)])
 
 
+def answer_positions(labels):
+    """Positions whose next token is an answer token in some row: the only logits any loss needs."""
+    return (labels[:, 1:] != losses.IGNORE).any(0).nonzero().flatten()
+
+
 def loss_parts(batch, step, totals):
     """L_sft, L_adv and L_cons of one micro-batch, each a sum divided by its global count."""
     embeds, image_mask = step_model(batch)
     labels, n = batch["labels"], len(batch["labels"])
+    keep = answer_positions(labels)
+    targets = labels[:, keep + 1]  # aligned with the kept logits
     mask = losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"])
     adv = [r for r in range(n) if mask[r].any()] if args.adv != "none" else []
     all_embeds, all_batch = embeds, batch
@@ -366,19 +376,21 @@ def loss_parts(batch, step, totals):
         if args.adv == "pgd":  # gradients w.r.t. delta only: the attack leaves parameter .grad alone
             # the attacked loss is L_adv's own normalisation (the global batch mean, as the authors' per-batch
             # mean): each sample's step is then the same however the batch is split over ranks
-            delta = losses.pgd(lambda d: losses.sft_loss(step_model(sub, base + d), sub["labels"], "sum") / totals[1],
+            delta = losses.pgd(lambda d: losses.sft_loss(step_model(sub, base + d, keep), targets[adv], "sum",
+                                                         shift=False) / totals[1],
                                base, sub_mask, args.eps, args.alpha, args.pgd_steps, args.pgd_sign, noise=noise)
         else:
             delta = losses.gaussian_noise(base, sub_mask, args.sigma, noise=noise)
         all_embeds = torch.cat([embeds, embeds[adv] + delta])  # clean graph kept: L_adv trains the projector too
         all_batch = cat_rows(rows_of(batch, list(range(n))), sub)
-    logits = step_model(all_batch, all_embeds)  # one pass over [clean; adversarial]
-    sft = losses.sft_loss(logits[:n], labels, "sum") / totals[0].clamp(min=1)
-    adv_loss = losses.sft_loss(logits[n:], all_batch["labels"][n:], "sum") / totals[1].clamp(min=1) if adv \
+        targets = torch.cat([targets, targets[adv]])
+    logits = step_model(all_batch, all_embeds, keep)  # one pass over [clean; adversarial]
+    sft = losses.sft_loss(logits[:n], targets[:n], "sum", shift=False) / totals[0].clamp(min=1)
+    adv_loss = losses.sft_loss(logits[n:], targets[n:], "sum", shift=False) / totals[1].clamp(min=1) if adv \
         else logits.sum() * 0
     cons = logits.sum() * 0
     if args.cons != "none" and batch["pairs"]:
-        answer, answer_mask = losses.answer_logits(logits, all_batch["labels"])
+        answer, answer_mask = losses.answer_logits(logits, targets, shift=False)
         where = {r: n + j for j, r in enumerate(adv)}
         pairs = [(o, q) for o, t in batch["pairs"] for q in (t, where.get(o), where.get(t)) if q is not None]
         o, q = zip(*pairs)

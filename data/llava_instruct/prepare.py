@@ -1,0 +1,84 @@
+"""LLaVA-1.5 instruction data (llava_v1_5_mix665k.json style) as free-form VQA training samples: the
+answer is the assistant's reply text and options is null (our extension of SPEC section 1). One sample
+per conversation from its first exchange; --all-turns gives one per exchange. Conversations without
+an image are skipped. Images are referenced relative to --out unless --copy-images.
+  python data/llava_instruct/prepare.py --src llava_v1_5_mix665k.json [--images ROOT --all-turns --copy-images]
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import sys
+
+
+def clean(text):
+    """The human turn without the <image> token and the newlines around it."""
+    return re.sub(r"\n*<image>\n*", "\n", text).strip()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="the instruction json: a list of {id, image, conversations}")
+    p.add_argument("--images", help="root the items' image paths are relative to; default the json's folder")
+    p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--all-turns", action="store_true", help="one sample per exchange; the earlier exchanges "
+                   "are prepended to the question as 'USER: ... ASSISTANT: ...' lines")
+    p.add_argument("--copy-images", action="store_true", help="copy images to --out/images/ (default: reference them)")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.src):
+        sys.exit(f"{args.src}: no such file (pass --src the instruction json, e.g. llava_v1_5_mix665k.json)")
+    images = args.images or os.path.dirname(os.path.abspath(args.src))
+    with open(args.src, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            sys.exit(f"{args.src}:{e.lineno}: malformed JSON: {e.msg} (re-download the file)")
+    if not isinstance(data, list):
+        sys.exit(f"{args.src}:1: expected a JSON list of conversations")
+    rows, skipped = [], collections.Counter()
+    for i, item in enumerate(data):
+        where = f"{args.src}: item {i}"
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        if not (isinstance(turns, list) and turns and len(turns) % 2 == 0 and all(
+                isinstance(t, dict) and t.get("from") == ("human", "gpt")[j % 2] and isinstance(t.get("value"), str)
+                for j, t in enumerate(turns))):
+            sys.exit(f"{where}: conversations must alternate {{'from': 'human'}} and {{'from': 'gpt'}} turns with "
+                     f"string values (fix or drop the item)")
+        if not item.get("image"):
+            skipped["conversations without image"] += 1
+            continue
+        image = os.path.join(images, item["image"])
+        if not os.path.isfile(image):
+            skipped["conversations with a missing image file"] += 1
+            continue
+        if args.copy_images:
+            rel = "images/" + os.path.normpath(item["image"]).replace(os.sep, "/")
+            if os.path.isabs(item["image"]) or rel.startswith("images/../"):
+                sys.exit(f"{where}: image {item['image']!r} is not inside --images "
+                         f"(--copy-images needs relative paths)")
+            os.makedirs(os.path.dirname(os.path.join(args.out, rel)), exist_ok=True)
+            shutil.copyfile(image, os.path.join(args.out, rel))
+        else:
+            rel = os.path.relpath(os.path.abspath(image), os.path.abspath(args.out)).replace(os.sep, "/")
+        pairs = [(clean(turns[j]["value"]), turns[j + 1]["value"].strip()) for j in range(0, len(turns), 2)]
+        for k, (question, answer) in enumerate(pairs if args.all_turns else pairs[:1]):
+            if not question or not answer:
+                skipped["exchanges with an empty turn"] += 1
+                continue
+            context = "".join(f"USER: {q} ASSISTANT: {a}\n" for q, a in pairs[:k])
+            rows.append(dict(id=f"llava_instruct-train-{i:06d}" + (f"-{k}" if args.all_turns else ""), task="vqa",
+                             image=rel, question=context + question, options=None, answer=answer,
+                             source="llava_instruct", source_id=str(item.get("id", ""))))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "train.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    print(f"{path}: kept {len(rows)} samples from {len(data)} conversations, skipped {sum(skipped.values())}"
+          + (f": {why}" if why else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""MMBench-EN as VQA questions from its TSV (e.g. MMBench_DEV_EN.tsv; the dev split is our test set,
+as test answers are not public): the non-empty options A, B, ... in order, a hint that is not empty
+or "nan" put before the question as "Context: <hint>", base64 images decoded to PNG files.
+  python data/mmbench/prepare.py --src MMBench_DEV_EN.tsv [--out data/mmbench]
+"""
+import argparse
+import base64
+import binascii
+import collections
+import csv
+import io
+import json
+import os
+import string
+import sys
+
+from PIL import Image
+
+
+def blank(value):
+    # pandas writes a missing cell as "" and some copies spell it out
+    return value is None or value.strip() == "" or value.strip().lower() == "nan"
+
+
+def read_tsv(path):
+    """(line, row dict) pairs; the base64 images make fields far longer than csv's default limit."""
+    csv.field_size_limit(2**31 - 1)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        rows = [(reader.line_num, row) for row in reader]
+    return reader.fieldnames or [], rows
+
+
+def write(out, split, rows, skipped):
+    path = os.path.join(out, f"{split}.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    print(f"{path}: kept {len(rows)}, skipped {sum(skipped.values())}" + (f": {why}" if why else ""))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="an MMBench TSV, or a folder of them (all go into test.jsonl)")
+    p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    args = p.parse_args(argv)
+    if not os.path.exists(args.src):
+        sys.exit(f"{args.src}: no such file or folder (pass --src the MMBench TSV, e.g. MMBench_DEV_EN.tsv)")
+    paths = [args.src] if os.path.isfile(args.src) else sorted(
+        os.path.join(args.src, f) for f in os.listdir(args.src) if f.endswith(".tsv"))
+    rows, skipped, first, converted = [], collections.Counter(), {}, []
+    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+    for path in paths:
+        columns, table = read_tsv(path)
+        if "answer" not in columns:
+            print(f"skipped {path}: no answer column (a test split; its answers are not public)")
+            continue
+        missing = {"index", "question", "image", "A", "B"} - set(columns)
+        if missing:
+            sys.exit(f"{path}:1: missing columns {sorted(missing)} (expected an MMBench TSV with index, question, "
+                     f"hint, A, B, ..., answer, image)")
+        converted.append(path)
+        letters = [c for c in string.ascii_uppercase if c in columns]
+        images = {row["index"]: row["image"] for _, row in table}
+        for line, row in table:
+            where, index = f"{path}:{line}", row["index"]
+            if index in first:
+                sys.exit(f"{where}: index {index} also on {first[index]} (convert one MMBench TSV at a time)")
+            first[index] = where
+            kept = [c for c in letters if not blank(row[c])]
+            answer = (row["answer"] or "").strip()
+            if answer not in kept:
+                sys.exit(f"{where}: answer {answer!r} names no non-empty option (options {kept}; fix or drop the row)")
+            options = [row[c].strip() for c in kept]
+            image = row["image"] or ""
+            # VLMEvalKit stores a repeated image once: other rows hold the index of the row that has it
+            image = images.get(image.strip(), "") if len(image) <= 64 else image
+            if blank(row["question"]):
+                skipped["empty question"] += 1
+                continue
+            if len(set(options)) < len(options) or len(options) < 2:
+                skipped["duplicate or too few options"] += 1
+                continue
+            try:
+                im = Image.open(io.BytesIO(base64.b64decode(image, validate=False)))
+                im.load()
+            except (binascii.Error, OSError, ValueError):
+                skipped["missing or undecodable image"] += 1
+                continue
+            out_image = f"images/{index}.png"
+            (im if im.format == "PNG" else im.convert("RGB")).save(os.path.join(args.out, out_image))
+            hint, question = row.get("hint"), row["question"].strip()
+            rows.append(dict(id=f"mmbench-test-{index}", task="vqa", image=out_image,
+                             question=question if blank(hint) else f"Context: {hint.strip()}\n{question}",
+                             options=options, answer=kept.index(answer), source="mmbench",
+                             category=row.get("category") or ""))
+    if not converted:
+        sys.exit(f"{args.src}: no TSV with an answer column (pass a dev TSV such as MMBench_DEV_EN.tsv)")
+    write(args.out, "test", rows, skipped)
+
+
+if __name__ == "__main__":
+    main()
