@@ -1,6 +1,6 @@
-"""The toy world: coloured shapes on 32 px images. Image-heavy questions ask which shape is shown
-(the image decides), text-heavy questions ask the colour of an object the text names (the text
-decides; the image is random pixels), VQA questions ask the colour of the shape (the image decides).
+"""The toy world: coloured patterns on 32 px images. Image-heavy questions ask which pattern is shown
+(the image decides), text-heavy questions ask the colour the text gives a pattern (the text decides;
+the image is random pixels), VQA questions ask the colour of the pattern shown (the image decides).
 Deterministic from a seed; train and test share no ids; writes vocab.txt for a word-level tokenizer.
   python data/toy/prepare.py [--out data/toy --n-train 2000 --n-test 300 --seed 0]
 """
@@ -19,26 +19,25 @@ import perturb  # noqa: E402  (the project root: UF/MD wordings, which the vocab
 # Options come in a fixed order, so a letter names a class: a small model trained from scratch
 # learns "image -> letter" in a few hundred steps, where a shuffled order needs a two-hop lookup
 # (find the matching option, then its letter) that stays at chance for thousands of steps.
-SHAPES = ["square", "bar", "tower", "cross"]
+SHAPES = ["stripes", "columns", "checks", "dots"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
-THINGS = ["ball", "cup", "hat", "box", "kite", "sock", "chair", "lamp"]
 SIZE = 32
 
 
 def draw(shape, color, rng):
-    """One shape, jittered in place and size, on a grey background. The shapes differ in their coarse
-    layout (a block, a wide bar, a tall bar, a plus), which a vision tower of 8 px patches can see."""
+    """A patch of one pattern in one colour, jittered in place and size, on a grey background. Patterns
+    are visible inside every 8 px patch, so a small vision tower tells them apart as easily as colours."""
     im = Image.new("RGB", (SIZE, SIZE), (160, 160, 160))
-    d = ImageDraw.Draw(im)
-    long, thin = rng.randint(18, 26), rng.randint(5, 8)
-    w, h = {"square": (thin + 8, thin + 8), "bar": (long, thin), "tower": (thin, long), "cross": (long, long)}[shape]
-    x, y = rng.randint(1, SIZE - w - 1), rng.randint(1, SIZE - h - 1)
+    px = im.load()
+    side = rng.randint(18, 28)
+    x0, y0 = rng.randint(0, SIZE - side), rng.randint(0, SIZE - side)
     fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLORS[color])
-    if shape == "cross":
-        d.rectangle([x, y + (h - thin) // 2, x + w, y + (h + thin) // 2], fill=fill)
-        d.rectangle([x + (w - thin) // 2, y, x + (w + thin) // 2, y + h], fill=fill)
-    else:
-        d.rectangle([x, y, x + w, y + h], fill=fill)
+    on = {"stripes": lambda x, y: y % 4 < 2, "columns": lambda x, y: x % 4 < 2,
+          "checks": lambda x, y: (x // 2 + y // 2) % 2 == 0, "dots": lambda x, y: x % 4 == 0 and y % 4 == 0}[shape]
+    for y in range(y0, y0 + side):
+        for x in range(x0, x0 + side):
+            if on(x, y):
+                px[x, y] = fill
     return im
 
 
@@ -52,18 +51,18 @@ def make(split, n, rng, out, caption_rate, true_caption):
         shape, color = rng.choice(SHAPES), rng.choice(colors)
         image = f"images/{split}/{i:05d}.png"
         draw(shape, color, rng).save(os.path.join(out, image))
-        question = "What is the main object in the image ?"
+        question = "What pattern is in the image ?"
         if rng.random() < caption_rate:
             said = shape if rng.random() < true_caption else rng.choice([s for s in SHAPES if s != shape])
             question = rng.choice(perturb.md_templates("train")).format(wrong=said) + " " + question
         rows.append(dict(id=f"toy-{split}-img-{i:05d}", task="image_heavy", image=image, question=question,
                          options=SHAPES, answer=SHAPES.index(shape), source="toy-shapes"))
-        thing, said = rng.choice(SHAPES), rng.choice(colors)
+        thing, said = rng.choice(SHAPES), rng.choice(colors)  # the question ends exactly like a VQA one
         rows.append(dict(id=f"toy-{split}-txt-{i:05d}", task="text_heavy", image=None,
-                         question=f"The {thing} is {said} . What color is the {thing} ?", options=colors,
+                         question=f"The {thing} are {said} . What color are the {thing} ?", options=colors,
                          answer=colors.index(said), source="toy-things"))
         rows.append(dict(id=f"toy-{split}-vqa-{i:05d}", task="vqa", image=image,
-                         question=f"What color is the {shape} ?", options=colors, answer=colors.index(color),
+                         question=f"What color are the {shape} ?", options=colors, answer=colors.index(color),
                          source="toy-colors"))
     with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -86,7 +85,7 @@ def main(argv=None):
     p.add_argument("--n-train", type=int, default=2000, help="samples per task in train")
     p.add_argument("--n-test", type=int, default=300, help="samples per task in test")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--caption-rate", type=float, default=0.5, help="share of train image questions with a caption")
+    p.add_argument("--caption-rate", type=float, default=0.7, help="share of train image questions with a caption")
     p.add_argument("--true-caption", type=float, default=1.0, help="how often a train caption is true")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)

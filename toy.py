@@ -1,0 +1,173 @@
+"""The toy world end to end, the built-in default: make the data, train a small LLaVA from scratch the
+vanilla way, diagnose it, fine-tune it with the paper's method (preset ours), diagnose it again and
+print the before/after table. No download; a few minutes on 2 CPU cores.
+  python toy.py                 # out/toy/{base,vanilla,ours}, each with eval/predictions.jsonl
+  python toy.py --ablation      # every preset x 3 seeds -> out/toy/ablation.md and ablation.png
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import diagnose
+import evaluate
+import model as M
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data", "toy")
+# A model of ~1 M parameters: CLIP on 32 px images in 8 px patches (16 image tokens), Llama of 3 layers.
+MODEL = dict(hidden=128, layers=3, heads=4, vision_hidden=64, vision_layers=2)
+# The vanilla model learns from scratch, vision tower included (nothing was pretrained); captions of
+# image questions are always true in its data, so it learns to trust them (data/toy/prepare.py).
+VANILLA = ["--preset", "fft-aug", "--no-aug", "--no-freeze-vision", "--lr", "1e-3", "--batch-size", "32",
+           "--max-steps", "800", "--weight-decay", "0"]
+# Fine-tuning keeps the vision tower frozen, as the paper does, with a toy-sized learning rate.
+FINETUNE = ["--lr", "5e-4", "--batch-size", "32", "--max-steps", "300"]
+# Toy questions are ~10 words: 3 unrelated facts (not the paper's 10) keep UF's share of the text
+# close to the paper's and the sequences short.
+K_FACTS = "3"
+
+
+def phase(text, t0, done, total):
+    left = (time.time() - t0) / done * (total - done) if done else 0
+    print(f"[{time.time() - t0:5.0f}s] {text}" + (f"  (about {left / 60:.1f} min left)" if done else ""), flush=True)
+
+
+def run(*cmd):
+    """A step as its own process (train.py is a script, and each run gets a fresh process group)."""
+    subprocess.run([sys.executable, *cmd], check=True, cwd=HERE)
+
+
+def train(model, out, extra, seed):
+    if not os.path.exists(os.path.join(out, "model.safetensors")):
+        run("train.py", "--model", model, "--data", os.path.join(DATA, "train.jsonl"), "--out", out,
+            "--seed", str(seed), "--k-facts", K_FACTS, "--save-every", "100000", *extra)
+    return out
+
+
+def diagnosis(model, seed):
+    """Evaluate on the test split (held-out UF/MD wordings) and return diagnose's summary."""
+    out = os.path.join(model, "eval")
+    evaluate.run(model, [os.path.join(DATA, "test.jsonl")], out, k_facts=int(K_FACTS), seed=seed, batch_size=64)
+    return diagnose.diagnose(os.path.join(out, "predictions.jsonl"))
+
+
+def row(summary):
+    """The numbers of a Table-5 row: clean and worst-perturbation accuracy per task, VQA accuracy."""
+    by_task = {"image_heavy": "toy-shapes", "text_heavy": "toy-things", "vqa": "toy-colors"}
+    out = {}
+    for task, source in by_task.items():
+        cells = summary[source]
+        out[f"{task} clean"] = 100 * cells["orig"]["acc"]
+        if task != "vqa":
+            out[f"{task} perturbed"] = 100 * diagnose.worst(cells)[1]
+    return out
+
+
+def before_after(a, b):
+    lines = ["| source | intervention | acc vanilla | acc ours | delta_cp vanilla | delta_cp ours |",
+             "|---|---|---|---|---|---|"]
+    for source in sorted(a):
+        for name, ca in a[source].items():
+            cb = b[source][name]
+            ci = [f"{c['delta_cp']:.3f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]" for c in (ca, cb)]
+            lines.append(f"| {source} | {name} | {100 * ca['acc']:.1f} | {100 * cb['acc']:.1f} | {ci[0]} | {ci[1]} |")
+        for label, s in (("vanilla", a), ("ours", b)):
+            name, acc = diagnose.worst(s[source])
+            if name:
+                lines.append(f"| {source} | worst ({name}), {label} | " + (f"{100 * acc:.1f} | |" if label == "vanilla"
+                                                                            else f"| {100 * acc:.1f} |") + " | |")
+    return "\n".join(lines)
+
+
+def base_and_vanilla(root, seed, t0, step, total):
+    base = os.path.join(root, "base")
+    if not os.path.exists(os.path.join(base, "model.safetensors")):
+        words = open(os.path.join(DATA, "vocab.txt"), encoding="utf-8").read().split()
+        M.make_tiny("llava", base, words, seed=seed, **MODEL)
+    phase(f"training the vanilla model from scratch (seed {seed})", t0, step, total)
+    return train(base, os.path.join(root, "vanilla"), VANILLA, seed)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(HERE, "out", "toy"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablation", action="store_true", help="every preset x 3 seeds (about an hour on 2 cores)")
+    args = p.parse_args()
+    t0 = time.time()
+    phase("making the toy world (data/toy)", t0, 0, 1)
+    run(os.path.join("data", "toy", "prepare.py"))
+    if args.ablation:
+        return ablation(args.out, t0)
+    root = os.path.join(args.out, f"seed{args.seed}")
+    vanilla = base_and_vanilla(root, args.seed, t0, 0, 5)
+    phase("diagnosing the vanilla model", t0, 2, 5)
+    before = diagnosis(vanilla, args.seed)
+    phase("fine-tuning with preset ours (twins + PGD + JS)", t0, 2.2, 5)
+    ours = train(vanilla, os.path.join(root, "ours"), ["--preset", "ours", *FINETUNE], args.seed)
+    phase("diagnosing the fine-tuned model", t0, 4.8, 5)
+    after = diagnosis(ours, args.seed)
+    print(f"\ndone in {(time.time() - t0) / 60:.1f} min; predictions and diagnosis.json under {root}\n")
+    print(before_after(before, after))
+
+
+def ablation(out, t0):
+    presets = ["vanilla", "fft-vqa", "fft-aug", "kl", "js", "rg", "pgd", "ours"]
+    seeds, results = [0, 1, 2], {}
+    total = len(seeds) * len(presets)
+    for i, seed in enumerate(seeds):
+        root = os.path.join(out, f"seed{seed}")
+        vanilla = base_and_vanilla(root, seed, t0, i * len(presets), total)
+        for j, preset in enumerate(presets):
+            phase(f"seed {seed}: {preset}", t0, i * len(presets) + j, total)
+            model = vanilla if preset == "vanilla" else train(vanilla, os.path.join(root, preset),
+                                                              ["--preset", preset, *FINETUNE], seed)
+            results.setdefault(preset, []).append(row(diagnosis(model, seed)))
+    columns = list(results["vanilla"][0])
+    lines = ["| preset | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for preset, rows in results.items():
+        cells = [f"{statistics.mean(r[c] for r in rows):.1f} ± {statistics.pstdev(r[c] for r in rows):.1f}"
+                 for c in columns]
+        lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    with open(os.path.join(out, "ablation.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "ablation.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    chart(results, columns, os.path.join(out, "ablation.png"))
+    print(f"\ndone in {(time.time() - t0) / 60:.1f} min; {out}/ablation.md and ablation.png\n\n{table}")
+
+
+def chart(results, columns, path):
+    """Grouped bars (one group per column, one bar per preset, mean over seeds) drawn with Pillow."""
+    from PIL import Image, ImageDraw
+    presets = list(results)
+    palette = [(120, 120, 120), (170, 200, 230), (90, 150, 210), (250, 190, 110), (240, 140, 60),
+               (180, 220, 160), (100, 180, 100), (200, 50, 50)]
+    bar, gap, height = 10, 24, 220
+    width = 60 + len(columns) * (len(presets) * bar + gap)
+    im = Image.new("RGB", (width, height + 60 + 14 * len(presets)), "white")
+    d = ImageDraw.Draw(im)
+    for y in range(0, 101, 25):
+        d.line([(50, 10 + height * (1 - y / 100)), (width, 10 + height * (1 - y / 100))], fill=(225, 225, 225))
+        d.text((20, 4 + height * (1 - y / 100)), str(y), fill="black")
+    for ci, col in enumerate(columns):
+        x0 = 60 + ci * (len(presets) * bar + gap)
+        for pi, preset in enumerate(presets):
+            v = statistics.mean(r[col] for r in results[preset])
+            x = x0 + pi * bar
+            d.rectangle([x, 10 + height * (1 - v / 100), x + bar - 2, 10 + height], fill=palette[pi % len(palette)])
+        d.text((x0, height + 16), col.replace("_heavy", ""), fill="black")
+    for pi, preset in enumerate(presets):
+        y = height + 40 + 14 * pi
+        d.rectangle([60, y, 70, y + 9], fill=palette[pi % len(palette)])
+        d.text((76, y - 2), preset, fill="black")
+    im.save(path)
+
+
+if __name__ == "__main__":
+    main()
