@@ -41,7 +41,7 @@ def rng_for(seed, sample, name):
 def load_data(paths, interventions, ri_folder=None):
     """Samples of all files (ids unique across them) and the (sample, intervention) jobs, in file order."""
     samples, where = [], {}
-    for path in paths:
+    for path in [perturb.data_file(q, "test") for q in paths]:
         for s in perturb.load_samples(path):
             if s["id"] in where:
                 raise ValueError(f"{path}: id {s['id']!r} also appears in {where[s['id']]}; ids must be unique "
@@ -174,7 +174,7 @@ def setup(dtype=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="alias (llava-1.5-7b, ...), hub id or local folder")
-    p.add_argument("--data", required=True, nargs="+", help="JSONL files in SPEC section 1 format")
+    p.add_argument("--data", required=True, nargs="+", help="JSONL files (SPEC section 1), or folders: their test.jsonl")
     p.add_argument("--out", required=True, help="folder for predictions.jsonl")
     p.add_argument("--interventions", nargs="+", default=list(perturb.APPLIES), choices=list(perturb.APPLIES))
     p.add_argument("--batch-size", type=int, default=8)

@@ -34,6 +34,11 @@ class DataError(ValueError):
     """Bad input data; the message starts with "path:line: " and says what to do."""
 
 
+def data_file(path, split):
+    """A JSONL file, or a folder written by data/<name>/prepare.py: then its <split>.jsonl."""
+    return str(Path(path) / f"{split}.jsonl") if Path(path).is_dir() else str(path)
+
+
 def load_samples(path):
     folder, samples, first_line = Path(path).parent, [], {}
     with open(path, encoding="utf-8") as f:

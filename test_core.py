@@ -1358,3 +1358,22 @@ def test_authors_text_heavy_has_null_image_and_bad_answer_errors(tmp_path):
     _write_json(src, [{"question": "q", "multiple_choices": {"A": "3", "B": "4"}, "multiple_choices_answer": "C"}])
     res = _run("authors", "--src", src, "--task", "text_heavy", "--out", tmp_path / "bad", ok=False)
     assert res.returncode != 0 and f"{src}: item 0: multiple_choices_answer 'C'" in res.stderr
+
+
+def test_diagnose_compares_two_runs_and_can_evaluate_first(tiny, tmp_path, capsys):
+    import diagnose
+    for name, flip in (("a", False), ("b", True)):
+        rows = _handmade()
+        if flip:  # run b keeps sample a's answer under md
+            rows[1].update(probs=[0.8, 0.1, 0.1], pred=0)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    diagnose.main([str(tmp_path / "a" / "predictions.jsonl"), str(tmp_path / "b" / "predictions.jsonl")])
+    out = capsys.readouterr().out
+    assert "| cls | md | 0.0 | 33.3 | 0.667 | 0.333 |" in out
+    assert (tmp_path / "a" / "diagnosis.json").exists() and (tmp_path / "b" / "diagnosis.json").exists()
+    _, _, folder = tiny("llava")
+    data = os.path.dirname(_write_dataset(str(tmp_path / "data"), n=2))  # a folder: its test.jsonl is read
+    diagnose.main(["--model", folder, "--data", data, "--out", str(tmp_path / "eval")])
+    summary = json.loads((tmp_path / "eval" / "diagnosis.json").read_text())
+    assert set(summary) == {"shapes", "sums", "vqa"} and summary["sums"]["fb"]["n"] == 2

@@ -80,7 +80,8 @@ p.add_argument("--grad-clip", type=float, default=1.0)
 # system
 p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: bf16 on GPU)")
 p.add_argument("--cpu-offload", choices=["auto", "on", "off"], default="auto", help="auto: on for GPU and > 3B params")
-p.add_argument("--activation-checkpointing", action="store_true")
+p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+               help="recompute activations in backward (default: on for GPU, as the authors trained)")
 p.add_argument("--seed", type=int, default=2024)
 p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite losses in a row")
 p.add_argument("--trust-remote-code", action="store_true")
@@ -119,7 +120,7 @@ def all_sum(t):
 
 
 # ---- data: bad files fail here, before any model is loaded ------------------------------------------------
-paths = [os.path.join(d, "train.jsonl") if os.path.isdir(d) else d for d in args.data]
+paths = [perturb.data_file(d, "train") for d in args.data]
 try:
     samples = [s for path in paths for s in perturb.load_samples(path)]
 except (perturb.DataError, FileNotFoundError) as e:  # messages written for people: file, line, what to do
@@ -188,7 +189,7 @@ def micro_batches(step):
 hf_model, processor = M.load(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
 if args.freeze_vision:
     M.freeze(hf_model)
-if args.activation_checkpointing:
+if args.activation_checkpointing or (args.activation_checkpointing is None and device.type == "cuda"):
     hf_model.activation_checkpointing_enable({"use_reentrant": False})
 M.train_mode(hf_model) if args.freeze_vision else hf_model.train()
 
