@@ -40,14 +40,19 @@ def rng_for(seed, sample, name):
 
 def load_data(paths, interventions, ri_folder=None):
     """Samples of all files (ids unique across them) and the (sample, intervention) jobs, in file order."""
-    samples, where = [], {}
+    samples, where, free = [], {}, 0
     for path in [perturb.data_file(q, "test") for q in paths]:
         for s in perturb.load_samples(path):
+            if s["options"] is None:  # an instruction sample: no option letters to score
+                free += 1
+                continue
             if s["id"] in where:
                 raise ValueError(f"{path}: id {s['id']!r} also appears in {where[s['id']]}; ids must be unique "
                                  "across the evaluated files")
             where[s["id"]] = path
             samples.append(s)
+    if free:
+        print(f"skipped {free} instruction samples (free-form answers, no options to score)", file=sys.stderr)
     jobs = [(s, n) for s in samples for n in perturb.interventions_for(s["task"]) if n in interventions]
     ri_images = None
     if any(n == "ri" for _, n in jobs):

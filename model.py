@@ -114,14 +114,14 @@ def _ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def answer_ids(processor, letter):
-    """Token ids of the answer `letter` as the model emits it after the prompt, plus end of sequence.
-    Tokenized in context (after the template's tail) because tokenizers merge across the boundary."""
+def answer_ids(processor, text):
+    """Token ids of an answer (a letter, or an instruction sample's reply) as the model emits it after the
+    prompt, plus end of sequence. Tokenized in context (after the template's tail): tokenizers merge."""
     f, tok = FAMILIES[family(processor)], processor.tokenizer
     tail = f["prompt"].rsplit("{}", 1)[1] or "\n"
-    context, full = _ids(tok, tail), _ids(tok, tail + f["answer"].format(letter))
+    context, full = _ids(tok, tail), _ids(tok, tail + f["answer"].format(text))
     if full[:len(context)] != context or len(full) == len(context):
-        raise ValueError(f"tokenizer merges the answer {letter!r} into the prompt's tail {tail!r}")
+        raise ValueError(f"tokenizer merges the answer {text!r} into the prompt's tail {tail!r}")
     return full[len(context):] + [tok.eos_token_id]
 
 
@@ -141,7 +141,8 @@ def collate(processor, samples, train=True, max_length=None):
                         return_tensors="pt")
         enc = {k: v for k, v in enc.items() if k in SEQUENCE_KEYS or k in f["image_keys"]}
         n_prompt = enc["input_ids"].shape[1]
-        answer = answer_ids(processor, perturb.LETTERS[s["answer"]]) if train else []
+        answer = [] if not train else answer_ids(
+            processor, s["answer"] if s["options"] is None else perturb.LETTERS[s["answer"]])
         if answer:
             extra = torch.tensor([answer])
             enc["input_ids"] = torch.cat([enc["input_ids"], extra], 1)

@@ -76,12 +76,14 @@ def _check(s, folder, err):
             raise err(f"{key} must be a non-empty string, got {s[key]!r} (fix the {key} field)")
     if s["task"] not in TASKS:
         raise err(f"unknown task {s['task']!r} (task must be one of {', '.join(TASKS)})")
-    opts = s["options"]
-    if not (isinstance(opts, list) and 2 <= len(opts) <= len(LETTERS) and all(_nonempty_str(o) for o in opts)
-            and len(set(opts)) == len(opts)):
+    opts, ans = s["options"], s["answer"]
+    if opts is None:  # an instruction sample (LLaVA-Instruct): a free-form answer, trained on, never scored
+        if s["task"] != "vqa" or not _nonempty_str(ans):
+            raise err("options null needs task vqa and the answer text as a non-empty string (an instruction sample)")
+    elif not (isinstance(opts, list) and 2 <= len(opts) <= len(LETTERS) and all(_nonempty_str(o) for o in opts)
+              and len(set(opts)) == len(opts)):
         raise err(f"options {opts!r} are not 2 to {len(LETTERS)} distinct non-empty strings (fix the options list)")
-    ans = s["answer"]
-    if type(ans) is not int or not 0 <= ans < len(opts):
+    elif type(ans) is not int or not 0 <= ans < len(opts):
         raise err(f"answer {ans!r} is not among the {len(opts)} options (answer is a 0-based index into options)")
     if s["task"] == "text_heavy":
         if s["image"] is not None:
@@ -91,7 +93,7 @@ def _check(s, folder, err):
     else:
         s["image"] = str((folder / s["image"]).resolve())
     facts = s.get("facts")
-    if facts is not None and not (isinstance(facts, dict) and all(
+    if facts is not None and opts is not None and not (isinstance(facts, dict) and all(
             k.isdigit() and str(int(k)) == k and int(k) < len(opts) and _nonempty_str(v) for k, v in facts.items())):
         raise err(f"bad facts {facts!r} (facts maps option indices \"0\" to \"{len(opts) - 1}\" to descriptions)")
 
@@ -163,6 +165,8 @@ def _mentions(text, phrases):
 
 
 def render(sample):
+    if sample["options"] is None:
+        return sample["question"]
     options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(sample["options"]))
     return f"{sample['question']}\n{options}\nAnswer with the option's letter from the given choices directly."
 
@@ -187,7 +191,7 @@ def ri_pool(samples=None, folder=None):
 
 def _new(sample, **changes):
     # options is copied too, so that editing the result can never reach back into the input
-    return {**sample, "options": list(sample["options"]), **changes}
+    return {**sample, "options": None if sample["options"] is None else list(sample["options"]), **changes}
 
 
 def _orig(sample, rng, size, pool, ri_images, k):

@@ -1377,3 +1377,31 @@ def test_diagnose_compares_two_runs_and_can_evaluate_first(tiny, tmp_path, capsy
     diagnose.main(["--model", folder, "--data", data, "--out", str(tmp_path / "eval")])
     summary = json.loads((tmp_path / "eval" / "diagnosis.json").read_text())
     assert set(summary) == {"shapes", "sums", "vqa"} and summary["sums"]["fb"]["n"] == 2
+
+
+def test_instruction_samples_train_on_their_reply_and_are_never_scored(toy, tmp_path, monkeypatch):
+    import evaluate
+    data, models = toy
+    rows = [json.loads(line) for line in open(data)]
+    image = next(r["image"] for r in rows if r["image"])
+    free = [dict(id=f"chat-{i}", task="vqa", image=image, question="What is in the image ?", options=None,
+                 answer="the dots are red", source="chat") for i in range(4)]
+    path = os.path.join(os.path.dirname(data), "chat.jsonl")  # beside the toy images
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows + free)
+    samples = perturb.load_samples(path)
+    m, p = M.load(models["llava"])
+    batch = M.collate(p, [samples[-1]])
+    answer = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert p.tokenizer.convert_ids_to_tokens(answer) == ["the", "dots", "are", "red", "</s>"]
+    assert perturb.render(samples[-1]) == "What is in the image ?"
+    jobs, _ = evaluate.load_data([path], list(APPLIES))
+    assert len(jobs) > 0 and not any(s["source"] == "chat" for s, _ in jobs)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(free[0], task="text_heavy", image=None)) + "\n")
+    with pytest.raises(DataError, match=f"{bad}:1: options null needs task vqa"):
+        perturb.load_samples(str(bad))
+    out = str(tmp_path / "run")
+    _train(["--model", models["llava"], "--data", path, "--out", out, "--max-steps", "2", "--ratio-image", "0",
+            "--ratio-text", "0"], monkeypatch)
+    assert len(_metrics(out)) == 2 and all(r["sft"] > 0 for r in _metrics(out))
