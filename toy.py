@@ -17,15 +17,14 @@ import evaluate
 import model as M
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "data", "toy")
 # A model of ~1 M parameters: CLIP on 32 px images in 8 px patches (16 image tokens), Llama of 3 layers.
 MODEL = dict(hidden=128, layers=3, heads=4, vision_hidden=64, vision_layers=2)
 # The vanilla model learns from scratch, vision tower included (nothing was pretrained); captions of
 # image questions are always true in its data, so it learns to trust them (data/toy/prepare.py).
 VANILLA = ["--preset", "fft-aug", "--no-aug", "--no-freeze-vision", "--lr", "1e-3", "--batch-size", "32",
-           "--max-steps", "800", "--weight-decay", "0"]
+           "--weight-decay", "0"]
 # Fine-tuning keeps the vision tower frozen, as the paper does, with a toy-sized learning rate.
-FINETUNE = ["--lr", "5e-4", "--batch-size", "32", "--max-steps", "300"]
+FINETUNE = ["--lr", "5e-4", "--batch-size", "32"]
 # Toy questions are ~10 words: 3 unrelated facts (not the paper's 10) keep UF's share of the text
 # close to the paper's and the sequences short.
 K_FACTS = "3"
@@ -41,17 +40,18 @@ def run(*cmd):
     subprocess.run([sys.executable, *cmd], check=True, cwd=HERE)
 
 
-def train(model, out, extra, seed):
+def train(model, out, extra, seed, steps):
     if not os.path.exists(os.path.join(out, "model.safetensors")):
-        run("train.py", "--model", model, "--data", os.path.join(DATA, "train.jsonl"), "--out", out,
-            "--seed", str(seed), "--k-facts", K_FACTS, "--save-every", "100000", *extra)
+        run("train.py", "--model", model, "--data", os.path.join(args.data, "train.jsonl"), "--out", out,
+            "--seed", str(seed), "--k-facts", K_FACTS, "--save-every", "100000", "--max-steps", str(steps), *extra)
     return out
 
 
 def diagnosis(model, seed):
     """Evaluate on the test split (held-out UF/MD wordings) and return diagnose's summary."""
     out = os.path.join(model, "eval")
-    evaluate.run(model, [os.path.join(DATA, "test.jsonl")], out, k_facts=int(K_FACTS), seed=seed, batch_size=64)
+    evaluate.run(model, [os.path.join(args.data, "test.jsonl")], out, k_facts=int(K_FACTS), seed=seed,
+                 batch_size=64)
     return diagnose.diagnose(os.path.join(out, "predictions.jsonl"))
 
 
@@ -86,21 +86,29 @@ def before_after(a, b):
 def base_and_vanilla(root, seed, t0, step, total):
     base = os.path.join(root, "base")
     if not os.path.exists(os.path.join(base, "model.safetensors")):
-        words = open(os.path.join(DATA, "vocab.txt"), encoding="utf-8").read().split()
+        words = open(os.path.join(args.data, "vocab.txt"), encoding="utf-8").read().split()
         M.make_tiny("llava", base, words, seed=seed, **MODEL)
     phase(f"training the vanilla model from scratch (seed {seed})", t0, step, total)
-    return train(base, os.path.join(root, "vanilla"), VANILLA, seed)
+    return train(base, os.path.join(root, "vanilla"), VANILLA, seed, args.vanilla_steps)
+
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--out", default=os.path.join(HERE, "out", "toy"))
+p.add_argument("--data", default=os.path.join(HERE, "data", "toy"))
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--n-train", type=int, default=2000, help="toy samples per task for training")
+p.add_argument("--n-test", type=int, default=300, help="toy samples per task for evaluation")
+p.add_argument("--vanilla-steps", type=int, default=800)
+p.add_argument("--finetune-steps", type=int, default=300)
+p.add_argument("--ablation", action="store_true", help="every preset x 3 seeds (about an hour on 2 cores)")
+args = p.parse_args()
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(HERE, "out", "toy"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ablation", action="store_true", help="every preset x 3 seeds (about an hour on 2 cores)")
-    args = p.parse_args()
     t0 = time.time()
-    phase("making the toy world (data/toy)", t0, 0, 1)
-    run(os.path.join("data", "toy", "prepare.py"))
+    phase(f"making the toy world ({args.data})", t0, 0, 1)
+    run(os.path.join("data", "toy", "prepare.py"), "--out", args.data, "--n-train", str(args.n_train),
+        "--n-test", str(args.n_test))
     if args.ablation:
         return ablation(args.out, t0)
     root = os.path.join(args.out, f"seed{args.seed}")
@@ -108,7 +116,7 @@ def main():
     phase("diagnosing the vanilla model", t0, 2, 5)
     before = diagnosis(vanilla, args.seed)
     phase("fine-tuning with preset ours (twins + PGD + JS)", t0, 2.2, 5)
-    ours = train(vanilla, os.path.join(root, "ours"), ["--preset", "ours", *FINETUNE], args.seed)
+    ours = train(vanilla, os.path.join(root, "ours"), ["--preset", "ours", *FINETUNE], args.seed, args.finetune_steps)
     phase("diagnosing the fine-tuned model", t0, 4.8, 5)
     after = diagnosis(ours, args.seed)
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min; predictions and diagnosis.json under {root}\n")
@@ -125,7 +133,7 @@ def ablation(out, t0):
         for j, preset in enumerate(presets):
             phase(f"seed {seed}: {preset}", t0, i * len(presets) + j, total)
             model = vanilla if preset == "vanilla" else train(vanilla, os.path.join(root, preset),
-                                                              ["--preset", preset, *FINETUNE], seed)
+                                                              ["--preset", preset, *FINETUNE], seed, args.finetune_steps)
             results.setdefault(preset, []).append(row(diagnosis(model, seed)))
     columns = list(results["vanilla"][0])
     lines = ["| preset | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]

@@ -348,7 +348,7 @@ def token_counts(batch):
     answers = (labels[:, 1:] != losses.IGNORE).sum(1)
     image_mask = batch["input_ids"] == hf_model.config.image_token_id
     mask = losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"])
-    adv_rows = mask.any(1) if args.adv != "none" else torch.zeros(len(labels), dtype=torch.bool)
+    adv_rows = mask.any(1) if args.adv != "none" else torch.zeros_like(mask[:, 0])
     cons = 0
     if args.cons != "none":  # each original against its twin and the adversarial versions of both
         for o, t in batch["pairs"]:
