@@ -60,6 +60,15 @@ def load_samples(path):
     return samples
 
 
+def write_samples(path, samples, skipped=None):
+    """Write samples as JSONL and say what a converter kept and skipped, and why ({reason: count})."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    skipped = skipped or {}
+    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    print(f"{path}: kept {len(samples)}, skipped {sum(skipped.values())}" + (f": {why}" if why else ""))
+
+
 def _nonempty_str(x):
     return isinstance(x, str) and x.strip() != ""
 

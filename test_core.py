@@ -1307,7 +1307,8 @@ def test_llava_instruct_first_exchange_all_turns_and_image_paths(tmp_path):
     src = _llava(tmp_path / "llava")
     out = tmp_path / "data" / "llava_instruct"
     res = _run("llava_instruct", "--src", src, "--out", out)
-    assert ("kept 2 samples from 4 conversations, skipped 2: 1 conversations with a missing image file, "
+    assert "2 samples from 4 conversations" in res.stdout
+    assert ("train.jsonl: kept 2, skipped 2: 1 conversations with a missing image file, "
             "1 conversations without image") in res.stdout
     rows = _read(out / "train.jsonl")
     assert [r["id"] for r in rows] == ["llava_instruct-train-000000", "llava_instruct-train-000003"]

@@ -17,6 +17,9 @@ import sys
 
 from PIL import Image
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import perturb  # noqa: E402  (the project root: the sample format)
+
 FILES = {"multiple_choice_data_train.json": "train", "multiple_choice_data_test.json": "test",
          "multiple_choice_data.json": "test"}
 
@@ -120,11 +123,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for path, split in files:
         rows, skipped = convert(path, split, args)
-        out = os.path.join(args.out, f"{split}.jsonl")
-        with open(out, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-        print(f"{out}: kept {len(rows)}, skipped {sum(skipped.values())}" + (f": {why}" if why else ""))
+        perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":

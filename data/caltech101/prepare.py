@@ -6,13 +6,15 @@ BACKGROUND_Google is not a class and is ignored. Deterministic from --seed.
 """
 import argparse
 import collections
-import json
 import os
 import random
 import shutil
 import sys
 
 from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import perturb  # noqa: E402  (the project root: the sample format)
 
 QUESTION = "What is the main object in the image?"
 EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -35,14 +37,6 @@ def readable(path):
         return True
     except (OSError, SyntaxError, ValueError):
         return False
-
-
-def write(out, split, rows, skipped):
-    path = os.path.join(out, f"{split}.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    print(f"{path}: kept {len(rows)}, skipped {sum(skipped.values())}" + (f": {why}" if why else ""))
 
 
 def main(argv=None):
@@ -119,7 +113,7 @@ def main(argv=None):
             rows.append(dict(id=f"caltech101-{split}-{cls}-{os.path.splitext(name)[0]}", task="image_heavy",
                              image=image, question=QUESTION, options=options, answer=options.index(label),
                              source="caltech101"))
-        write(args.out, split, rows, skipped[split])
+        perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped[split])
 
 
 if __name__ == "__main__":

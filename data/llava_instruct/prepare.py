@@ -12,6 +12,9 @@ import re
 import shutil
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import perturb  # noqa: E402  (the project root: the sample format)
+
 
 def clean(text):
     """The human turn without the <image> token and the newlines around it."""
@@ -72,12 +75,8 @@ def main(argv=None):
                              image=rel, question=context + question, options=None, answer=answer,
                              source="llava_instruct", source_id=str(item.get("id", ""))))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "train.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    print(f"{path}: kept {len(rows)} samples from {len(data)} conversations, skipped {sum(skipped.values())}"
-          + (f": {why}" if why else ""))
+    print(f"{len(rows)} samples from {len(data)} conversations")
+    perturb.write_samples(os.path.join(args.out, "train.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":

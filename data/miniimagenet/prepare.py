@@ -6,7 +6,6 @@
 import argparse
 import collections
 import csv
-import json
 import os
 import random
 import re
@@ -14,6 +13,9 @@ import shutil
 import sys
 
 from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import perturb  # noqa: E402  (the project root: the sample format)
 
 QUESTION = "What is the main object in the image?"
 EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -69,14 +71,6 @@ def readable(path):
         return True
     except (OSError, SyntaxError, ValueError):
         return False
-
-
-def write(out, split, rows, skipped):
-    path = os.path.join(out, f"{split}.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    print(f"{path}: kept {len(rows)}, skipped {sum(skipped.values())}" + (f": {why}" if why else ""))
 
 
 def main(argv=None):
@@ -136,7 +130,7 @@ def main(argv=None):
                              source="miniimagenet"))
         if len(rows) < n:
             print(f"note: asked for {n} {split} images, only {len(rows)} were left")
-        write(args.out, split, rows, skipped)
+        perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":

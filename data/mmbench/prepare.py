@@ -9,12 +9,14 @@ import binascii
 import collections
 import csv
 import io
-import json
 import os
 import string
 import sys
 
 from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import perturb  # noqa: E402  (the project root: the sample format)
 
 
 def blank(value):
@@ -29,14 +31,6 @@ def read_tsv(path):
         reader = csv.DictReader(f, delimiter="\t")
         rows = [(reader.line_num, row) for row in reader]
     return reader.fieldnames or [], rows
-
-
-def write(out, split, rows, skipped):
-    path = os.path.join(out, f"{split}.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    print(f"{path}: kept {len(rows)}, skipped {sum(skipped.values())}" + (f": {why}" if why else ""))
 
 
 def main(argv=None):
@@ -96,7 +90,7 @@ def main(argv=None):
                              category=row.get("category") or ""))
     if not converted:
         sys.exit(f"{args.src}: no TSV with an answer column (pass a dev TSV such as MMBench_DEV_EN.tsv)")
-    write(args.out, "test", rows, skipped)
+    perturb.write_samples(os.path.join(args.out, "test.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ test -> test.jsonl. The answer may be a letter A-D or an index 0-3 (also as a st
 import argparse
 import collections
 import csv
-import json
 import os
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import perturb  # noqa: E402  (the project root: the sample format)
 
 LETTERS = "ABCD"
 SPLITS = {"auxiliary_train": "train", "train": "train", "dev": "train", "val": "validation",
@@ -70,14 +72,6 @@ def answer_index(answer):
     return int(text) if text.isdigit() and int(text) < len(LETTERS) else None
 
 
-def write(out, split, rows, skipped):
-    path = os.path.join(out, f"{split}.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    print(f"{path}: kept {len(rows)}, skipped {sum(skipped.values())}" + (f": {why}" if why else ""))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="the MMLU folder: the original data/ (or its parent) or cais/mmlu")
@@ -112,7 +106,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for split in ("train", "validation", "test"):
         if split in rows or split in skipped:
-            write(args.out, split, rows[split], skipped[split])
+            perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows[split], skipped[split])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import perturb  # noqa: E402  (the project root: the sample format)
+
 SPLITS = {"train": "train", "dev": "validation", "validation": "validation", "test": "test"}
 FILE = re.compile(r"^(train|dev|validation|test)([-.][^/]*)?\.(jsonl|parquet)$")
 
@@ -61,14 +64,6 @@ def read_rows(path):
                 sys.exit(f"{path}:{lineno}: missing {e} (expected id, question.stem, question.choices, answerKey)")
 
 
-def write(out, split, rows, skipped):
-    path = os.path.join(out, f"{split}.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    print(f"{path}: kept {len(rows)}, skipped {sum(skipped.values())}" + (f": {why}" if why else ""))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="the OpenBookQA folder (original or Hugging Face), or one split file")
@@ -97,7 +92,7 @@ def main(argv=None):
                     rows.append(dict(id=f"openbookqa-{split}-{id_}", task="text_heavy", image=None,
                                      question=stem.strip(), options=texts, answer=labels.index(key),
                                      source="openbookqa"))
-        write(args.out, split, rows, skipped)
+        perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ import sys
 
 from PIL import Image
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import perturb  # noqa: E402  (the project root: the sample format)
+
 SPLITS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 
 
@@ -59,14 +62,6 @@ def parquet(src):
                     image = row.get("image")
                     yield split, f"{path}: row {index}", f"{index:05d}", row, image.get("bytes") if image else None
                     index += 1
-
-
-def write(out, split, rows, skipped):
-    path = os.path.join(out, f"{split}.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    print(f"{path}: kept {len(rows)}, skipped {sum(skipped.values())}" + (f": {why}" if why else ""))
 
 
 def main(argv=None):
@@ -125,7 +120,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for split in ("train", "validation", "test"):
         if split in rows or split in skipped:
-            write(args.out, split, rows[split], skipped[split])
+            perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows[split], skipped[split])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ import sys
 
 from PIL import Image
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import perturb  # noqa: E402  (the project root: the sample format)
+
 LETTERS = "ABCD"
 
 
@@ -20,14 +23,6 @@ def find_image(folder, data_id):
         if os.path.isfile(os.path.join(folder, candidate)):
             return os.path.join(folder, candidate)
     return None
-
-
-def write(out, split, rows, skipped):
-    path = os.path.join(out, f"{split}.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    print(f"{path}: kept {len(rows)}, skipped {sum(skipped.values())}" + (f": {why}" if why else ""))
 
 
 def main(argv=None):
@@ -90,7 +85,7 @@ def main(argv=None):
         rows.append(dict(id=f"seedbench-test-{qid}", task="vqa", image=copied[source], question=question.strip(),
                          options=options, answer=LETTERS.index(answer), source="seedbench",
                          question_type_id=q.get("question_type_id")))
-    write(args.out, "test", rows, skipped)
+    perturb.write_samples(os.path.join(args.out, "test.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":

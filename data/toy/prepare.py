@@ -11,7 +11,7 @@ import random
 import re
 import sys
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import perturb  # noqa: E402  (the project root: UF/MD wordings, which the vocabulary must cover)
