@@ -66,7 +66,8 @@ def load_data(paths, interventions, ri_folder=None):
 def make_batches(jobs, batch_size, apply):
     """Jobs sorted by rendered length (little padding), cut into batches. The batches depend only on the
     data, never on the number of processes, so every process count computes the same numbers."""
-    order = sorted(range(len(jobs)), key=lambda i: (len(perturb.render(apply(*jobs[i]))), i))
+    # size=1: only the text matters here, so canvases and random pixels are drawn 1 px wide
+    order = sorted(range(len(jobs)), key=lambda i: (len(perturb.render(apply(*jobs[i], size=1))), i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -117,7 +118,7 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
     size = M.image_size(processor)
     jobs, ri_images = load_data(data, interventions, ri_folder)
 
-    def apply(s, name):
+    def apply(s, name, size=size):
         return perturb.perturb(s, name, rng_for(seed, s, name), size=size, pool=pool, ri_images=ri_images, k=k_facts)
 
     batches = make_batches(jobs, batch_size, apply)

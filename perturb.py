@@ -126,6 +126,16 @@ def load_image(sample, size=336):
                         f"(replace the file or drop the sample)") from e
 
 
+def readable_image(path):
+    """Whether PIL can read the image file at path (a converter's check before keeping a sample)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
 def random_pixels(key, size):
     # hashlib, not hash(): str hashes are salted per process, and every rank and run needs the same RP
     seed = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")

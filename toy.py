@@ -75,11 +75,10 @@ def before_after(a, b):
             cb = b[source][name]
             ci = [f"{c['delta_cp']:.3f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]" for c in (ca, cb)]
             lines.append(f"| {source} | {name} | {100 * ca['acc']:.1f} | {100 * cb['acc']:.1f} | {ci[0]} | {ci[1]} |")
-        for label, s in (("vanilla", a), ("ours", b)):
-            name, acc = diagnose.worst(s[source])
-            if name:
-                lines.append(f"| {source} | worst ({name}), {label} | " + (f"{100 * acc:.1f} | |" if label == "vanilla"
-                                                                            else f"| {100 * acc:.1f} |") + " | |")
+        worst = [diagnose.worst(s[source]) for s in (a, b)]
+        if worst[0][0]:
+            lines.append(f"| {source} | worst | " + " | ".join(f"{100 * acc:.1f} ({name})" for name, acc in worst)
+                         + " | | |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ One process, or FSDP2 under torchrun; every default below is a flag, and --prese
   torchrun --nproc_per_node 4 train.py --model llava-1.5-7b --data data/caltech101 data/mmlu ... --out out/7b
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -147,6 +148,7 @@ log(f"{len(samples)} samples from {len(paths)} files; per step {counts} original
     f"({'+ twins' if args.aug else 'no twins'}); {max_steps} steps ({steps_per_epoch}/epoch)")
 
 
+@functools.lru_cache(maxsize=16)  # one shuffle per pass over a pool, not one per sample drawn from it
 def permutation(task, cycle):
     return random.Random(f"{args.seed}/{task}/{cycle}").sample(range(len(pools[task])), len(pools[task]))
 
@@ -166,8 +168,7 @@ def twin(s, step):
     """A heuristic perturbation of s drawn from its task's training interventions (train pool)."""
     rng = random.Random(f"{args.seed}/{step}/{s['id']}/twin")
     name = rng.choice(TWINS[s["task"]])
-    return perturb.perturb(s, name, rng, size=M.image_size(processor), pool="train", ri_images=ri_images,
-                           k=args.k_facts)
+    return perturb.perturb(s, name, rng, size=size, pool="train", ri_images=ri_images, k=args.k_facts)
 
 
 def micro_batches(step):
@@ -177,7 +178,7 @@ def micro_batches(step):
     for m in range(args.grad_accum):
         part = mine[m * world + rank::world * args.grad_accum]
         twins = [(i, twin(s, step)) for i, s in enumerate(part) if args.aug and s["task"] in TWINS]
-        rows = [perturb.perturb(s, "orig", 0, size=M.image_size(processor)) for s in part] + [t for _, t in twins]
+        rows = [perturb.perturb(s, "orig", 0, size=size) for s in part] + [t for _, t in twins]
         batch = M.collate(processor, rows, train=True, max_length=args.max_length)
         batch["ids"] = [s["id"] + ("" if r < len(part) else "/twin") for r, s in enumerate(rows)]
         batch["pairs"] = [(i, len(part) + j) for j, (i, _) in enumerate(twins)]
@@ -187,6 +188,7 @@ def micro_batches(step):
 
 # ---- model: frozen vision encoder, FSDP2 per layer, then the root ----------------------------------------
 hf_model, processor = M.load(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+size = M.image_size(processor)  # canvases and random pixels are drawn at the vision encoder's input size
 if args.freeze_vision:
     M.freeze(hf_model)
 if args.activation_checkpointing or (args.activation_checkpointing is None and device.type == "cuda"):
@@ -288,8 +290,8 @@ def load_checkpoint(folder):
         q = params[int(i)]
         for k, v in s.items():
             if hasattr(q, "to_local") and v.shape == local(q).shape and v.ndim > 0:
-                s[k] = DTensor.from_local(v.to(local(q).device), q.device_mesh,
-                                                                   q.placements, shape=q.shape, stride=q.stride())
+                s[k] = DTensor.from_local(v.to(local(q).device), q.device_mesh, q.placements,
+                                          shape=q.shape, stride=q.stride())
     optimizer.load_state_dict(opt)
     rng = torch.load(f"{folder}/rng.rank{rank}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -394,8 +396,7 @@ def loss_parts(batch, step, totals):
         answer, answer_mask = losses.answer_logits(logits, targets, shift=False)
         where = {r: n + j for j, r in enumerate(adv)}
         pairs = [(o, q) for o, t in batch["pairs"] for q in (t, where.get(o), where.get(t)) if q is not None]
-        o, q = zip(*pairs)
-        o, q = list(o), list(q)
+        o, q = map(list, zip(*pairs))
         cons = losses.consistency(answer[o], answer[q], args.cons, args.tau, answer_mask[o] & answer_mask[q],
                                   "sum") / totals[2].clamp(min=1)
     return sft, adv_loss, cons

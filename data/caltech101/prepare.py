@@ -11,8 +11,6 @@ import random
 import shutil
 import sys
 
-from PIL import Image
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import perturb  # noqa: E402  (the project root: the sample format)
 
@@ -28,15 +26,6 @@ def find_root(src):
             return root
     sys.exit(f"{src}: no 101_ObjectCategories folder here (extract 101_ObjectCategories.tar.gz and pass "
              f"--src the folder that holds 101_ObjectCategories, or that folder itself)")
-
-
-def readable(path):
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except (OSError, SyntaxError, ValueError):
-        return False
 
 
 def main(argv=None):
@@ -78,7 +67,7 @@ def main(argv=None):
     skipped = {"test": collections.Counter(), "train": collections.Counter()}
 
     def usable(split, path):
-        why = "missing image" if not os.path.isfile(path) else "" if readable(path) else "unreadable image"
+        why = "missing image" if not os.path.isfile(path) else "" if perturb.readable_image(path) else "unreadable image"
         if why:
             skipped[split][why] += 1
         return not why

@@ -12,8 +12,6 @@ import re
 import shutil
 import sys
 
-from PIL import Image
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import perturb  # noqa: E402  (the project root: the sample format)
 
@@ -64,15 +62,6 @@ def find_images(src):
     return found, ignored
 
 
-def readable(path):
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except (OSError, SyntaxError, ValueError):
-        return False
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="the downloaded mini-ImageNet folder")
@@ -117,7 +106,7 @@ def main(argv=None):
             if not os.path.isfile(path):
                 skipped["missing image"] += 1
                 continue
-            if not readable(path):
+            if not perturb.readable_image(path):
                 skipped["unreadable image"] += 1
                 continue
             options = [label[cls]] + rng.sample([c for c in labels if c != label[cls]], args.n_options - 1)

@@ -10,8 +10,6 @@ import os
 import shutil
 import sys
 
-from PIL import Image
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import perturb  # noqa: E402  (the project root: the sample format)
 
@@ -71,13 +69,8 @@ def main(argv=None):
             skipped["missing image"] += 1
             continue
         if source not in copied:
-            try:
-                with Image.open(source) as im:
-                    im.verify()
-            except (OSError, SyntaxError, ValueError):
-                copied[source] = None
-            else:
-                copied[source] = f"images/{os.path.basename(source)}"
+            copied[source] = f"images/{os.path.basename(source)}" if perturb.readable_image(source) else None
+            if copied[source]:
                 shutil.copyfile(source, os.path.join(args.out, copied[source]))
         if copied[source] is None:
             skipped["unreadable image"] += 1
