@@ -247,55 +247,74 @@ def make_tokenizer(words=(), image_token="<image>"):
     return tok
 
 
-def make_tiny(family, folder, words=(), seed=0, hidden=32, layers=2, heads=2, vision_hidden=32, vision_layers=2):
-    """Write a tiny random-init checkpoint of the family's real transformers class, with an offline
+def blocks(model):
+    """The transformer blocks of the vision tower and the LLM (the class's _no_split_modules inside a
+    ModuleList): the units train.py shards with FSDP2 and activation checkpointing recomputes."""
+    return [child for parent in model.modules() if isinstance(parent, torch.nn.ModuleList) for child in parent
+            if type(child).__name__ in model._no_split_modules]
+
+
+def make_tiny(family, folder, words=(), seed=0, dtype=None, **dims):
+    """Write a random-init checkpoint of the family's real transformers class, with an offline
     tokenizer and processor, loadable by load(folder) exactly like a hub checkpoint."""
     torch.manual_seed(seed)
+    config, processor = make_parts(family, words, **dims)
+    model = FAMILIES[family]["cls"](config)
+    os.makedirs(folder, exist_ok=True)
+    return save(model.to(dtype) if dtype else model, processor, folder)
+
+
+def make_parts(family, words=(), hidden=32, layers=2, heads=2, vision_hidden=32, vision_layers=2, *,
+               intermediate=None, kv_heads=None, vocab=None, vision_heads=2, vision_intermediate=None,
+               image=32, patch=8):
+    """(config, processor) of the family at any size: tiny for the tests and the toy world, or a
+    published 7B/13B shape for bench.py (vocab pads the embedding table to the real size; the offline
+    word-level tokenizer uses its first ids). Defaults: MLPs 2x wide, as many KV heads as heads."""
     # InstructBlipProcessor wants a tokenizer without an `image_token` attribute (it adds its own)
     tok = make_tokenizer(words, {"qwen2.5-vl": "<|image_pad|>", "instructblip": None}.get(family, "<image>"))
-    V, ids = len(tok), tok.convert_tokens_to_ids
-    text = dict(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
+    V, ids = max(len(tok), vocab or 0), tok.convert_tokens_to_ids
+    text = dict(vocab_size=V, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                max_position_embeddings=4096,
                 pad_token_id=ids("<pad>"), bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), tie_word_embeddings=False)
-    vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
-                  num_attention_heads=2)
+    vision = dict(hidden_size=vision_hidden, intermediate_size=vision_intermediate or 2 * vision_hidden,
+                  num_hidden_layers=vision_layers, num_attention_heads=vision_heads)
     half = hidden // heads // 2  # Qwen's M-RoPE splits half the head dimension over (time, height, width)
     if family == "llava":
         config = transformers.LlavaConfig(
-            vision_config=transformers.CLIPVisionConfig(**vision, image_size=32, patch_size=8),
+            vision_config=transformers.CLIPVisionConfig(**vision, image_size=image, patch_size=patch),
             text_config=transformers.LlamaConfig(**text), image_token_index=ids("<image>"),
             vision_feature_select_strategy="default", vision_feature_layer=-2)
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-        ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        processor = transformers.LlavaProcessor(ip, tok, patch_size=8, vision_feature_select_strategy="default",
+        ip = CLIPImageProcessorPil(size={"shortest_edge": image}, crop_size={"height": image, "width": image})
+        processor = transformers.LlavaProcessor(ip, tok, patch_size=patch, vision_feature_select_strategy="default",
                                                 num_additional_image_tokens=1)
     elif family == "qwen2.5-vl":
         tok.eos_token = "<|im_end|>"  # the Instruct checkpoints end a turn with it
         sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-        text.update(num_key_value_heads=1, eos_token_id=ids("<|im_end|>"),
+        text.update(num_key_value_heads=kv_heads or 1, eos_token_id=ids("<|im_end|>"),
                     rope_parameters={"rope_type": "default", "mrope_section": sections, "rope_theta": 10000.0})
         config = transformers.Qwen2_5_VLConfig(
             text_config=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
             vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
             vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                               num_heads=2, out_hidden_size=hidden,
+                               num_heads=vision_heads, out_hidden_size=hidden,
                                patch_size=14, window_size=112, fullatt_block_indexes=[vision_layers - 1]))
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
         processor = QwenImageProcessor(image_processor=ip, tokenizer=tok)
     elif family == "instructblip":
         config = transformers.InstructBlipConfig(
-            vision_config=dict(**vision, image_size=32, patch_size=8),
+            vision_config=dict(**vision, image_size=image, patch_size=patch),
             qformer_config=dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64, encoder_hidden_size=vision_hidden, pad_token_id=ids("<pad>")),
             text_config=dict(model_type="llama", **text), num_query_tokens=4, image_token_index=ids("<image>"))
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-        ip = BlipImageProcessorPil(size={"height": 32, "width": 32})
+        ip = BlipImageProcessorPil(size={"height": image, "width": image})
         processor = transformers.InstructBlipProcessor(ip, tok, make_tokenizer(words), num_query_tokens=4)
     else:
         raise ValueError(f"unknown family {family!r}: expected one of {sorted(FAMILIES)}")
-    os.makedirs(folder, exist_ok=True)
-    return save(FAMILIES[family]["cls"](config), processor, folder)
+    return config, processor
 
 
 if __name__ == "__main__":  # python model.py FAMILY FOLDER [VOCAB_FILE]

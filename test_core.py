@@ -937,6 +937,75 @@ def test_accumulation_and_activation_checkpointing_leave_the_step_unchanged(toy,
                                                                                                        rel=1e-4)
 
 
+# ---- bench.py: profile, compute floor, memory plan (what it measures is never asserted as a time) -------
+
+def test_profile_times_every_phase_without_changing_the_step(toy, tmp_path, monkeypatch):
+    data, models = toy
+    common = ["--model", models["llava"], "--data", data, "--max-steps", "2", "--lr", "1e-3", "--eps", "0.05",
+              "--pgd-steps", "3", "--save-every", "0", "--no-export"]
+    _train(common + ["--out", str(tmp_path / "plain")], monkeypatch)
+    _train(common + ["--out", str(tmp_path / "profiled"), "--profile"], monkeypatch)
+    plain, profiled = _metrics(tmp_path / "plain"), _metrics(tmp_path / "profiled")
+    for a, b in zip(plain, profiled):
+        assert a["loss"] == b["loss"] and a["tokens"] == b["tokens"] > 0 and "phases" not in a
+    for m in profiled:
+        assert set(m["phases"]) == {"data", "embed", "noise", "pgd1", "pgd2", "pgd3", "forward", "backward",
+                                    "optimizer"} and all(v > 0 for v in m["phases"].values())
+        assert m["peak_mem"] > 2**20
+    assert sum(profiled[0]["phases"].values()) <= profiled[0]["time"]  # laps partition the step
+    assert os.listdir(tmp_path / "profiled") == ["metrics.jsonl"]  # --save-every 0 --no-export: nothing else
+    mini = [json.loads(line) for line in open(data)]  # 4 image/text originals + 4 twins + 4 VQA rows
+    _, processor = M.load(models["llava"])
+    rows = [perturb.perturb(s, "orig", 0, size=M.image_size(processor)) for s in perturb.load_samples(data)]
+    originals = int(M.collate(processor, rows, train=True)["attention_mask"].sum())
+    assert len(mini) == 8 and profiled[0]["tokens"] > originals  # the twins' tokens count too
+
+
+def test_the_compute_floor_counts_row_passes():
+    import bench
+    # fft-aug at the paper's mix: B originals + B/2 twins, forward 1 + backward 2 per row = 4.5 B
+    assert bench.floor("fft-aug", 2) == 1.0 and bench.floor("js", 2) == bench.floor("kl", 2) == 1.0
+    assert bench.floor("fft-vqa", 2) == pytest.approx(3 / 4.5)  # B VQA rows, no twins
+    assert bench.floor("rg", 2) == pytest.approx((4.5 + 3 * 1.0) / 4.5)  # + one pass over the B perturbed rows
+    # + T PGD steps over those B rows, forward 1 + backward w.r.t. delta 1
+    assert bench.floor("ours", 2) == bench.floor("pgd", 2) == pytest.approx((4.5 + 3 + 2 * 2) / 4.5)
+    assert bench.floor("ours", 3) - bench.floor("ours", 2) == pytest.approx(2 / 4.5)
+
+
+def test_the_memory_plan_is_the_published_architecture_sharded_as_fsdp2_does():
+    import bench
+    world = 4
+    r = bench.plan("llava-1.5-7b", world, rows=20, length=700)
+    assert r["total"] == 7_063_427_072  # llava-hf/llava-1.5-7b-hf's parameter count
+    config, _ = M.make_parts("llava", (), **bench.ARCHS["llava-1.5-7b"])
+    with torch.device("meta"):
+        m = transformers.LlavaForConditionalGeneration(config)
+    # FSDP2 splits every tensor on dim 0 into world chunks; rank 0 holds the first (largest) one
+    shard = {n: -(-q.shape[0] // world) * q[0].numel() for n, q in m.named_parameters()}
+    trained = [n for n in shard if not n.startswith("model.vision_tower.")]
+    assert r["params"] == 4 * sum(shard.values()) and r["grads"] == 4 * sum(shard[n] for n in trained)
+    assert r["adam"] == 2 * r["grads"]
+    embed = m.model.language_model.embed_tokens.weight.numel()
+    assert r["unit"] > 2 * embed  # the root unit: embedding table + lm head (+ projector) in bf16
+    assert bench.plan("llava-1.5-13b", 8, 20, 700)["total"] == pytest.approx(13.35e9, rel=1e-3)
+
+
+def test_bench_times_each_preset_on_the_same_batches(tmp_path, capsys):
+    import bench
+    bench.main(["--arch", "tiny", "--presets", "fft-aug", "ours", "--extra-pgd-steps", "1", "3", "--steps", "1",
+                "--out", str(tmp_path), "--plan"])
+    results = json.load(open(tmp_path / "speed-tiny.json"))
+    assert list(results) == ["fft-aug", "ours", "ours T=1", "ours T=3"]
+    assert [results[k]["floor"] for k in results] == [bench.floor("fft-aug", 2), bench.floor("ours", 2),
+                                                      bench.floor("ours", 1), bench.floor("ours", 3)]
+    assert not any(k.startswith("pgd") and v for k, v in results["fft-aug"]["phases"].items())
+    assert results["ours T=3"]["phases"]["pgd3"] > 0 and results["ours"]["phases"]["pgd3"] == 0
+    tokens = {k: r["tokens"] * r["step"] for k, r in results.items()}  # the same batches: the same tokens
+    assert len({round(t) for t in tokens.values()}) == 1
+    out = capsys.readouterr().out
+    assert "| fft-aug |" in out and "| 1.00 | 1.00 |" in out and "each extra PGD step" in out
+
+
 # ---- dataset converters ---------------------------------------------------------------------------------
 
 def _photo(path, color=(10, 20, 30)):

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import socket
 import sys
@@ -48,7 +49,9 @@ p.add_argument("--preset", choices=list(PRESETS), default="ours")
 p.add_argument("--model", default="llava-1.5-7b", help="alias, hub id or local folder")
 p.add_argument("--data", nargs="+", default=["data/toy/train.jsonl"], help="JSONL files or folders with train.jsonl")
 p.add_argument("--out", default="out/train", help="the output Hugging Face folder, checkpoints and metrics.jsonl")
-p.add_argument("--save-every", type=int, default=500, help="steps between resumable checkpoints")
+p.add_argument("--save-every", type=int, default=500, help="steps between resumable checkpoints (0: none)")
+p.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
+               help="write the trained model to --out as a Hugging Face folder at the end")
 p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
 # data
 p.add_argument("--ratio-image", type=float, default=0.25, help="share of image-heavy originals per batch")
@@ -86,6 +89,8 @@ p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalActi
 p.add_argument("--seed", type=int, default=2024)
 p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite losses in a row")
 p.add_argument("--trust-remote-code", action="store_true")
+p.add_argument("--profile", action="store_true",
+               help="time each phase of a step (synchronising the GPU) and record peak memory in metrics.jsonl")
 p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                help="keep the vision encoder (InstructBLIP: and Q-Former) fixed, as the paper; off to pretrain one")
 preset = p.parse_known_args()[0].preset
@@ -215,9 +220,7 @@ policy = dict(mesh=init_device_mesh(device.type, (world,)),
               mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
 if offload:
     policy["offload_policy"] = CPUOffloadPolicy()
-blocks = [child for parent in hf_model.modules() if isinstance(parent, torch.nn.ModuleList) for child in parent
-          if type(child).__name__ in hf_model._no_split_modules]
-for block in blocks:  # every transformer block of the vision tower and the LLM, the torchtune way
+for block in M.blocks(hf_model):  # every transformer block of the vision tower and the LLM, the torchtune way
     fully_shard(block, **policy)
 fully_shard(step_model, **policy)
 trainable = [(n, q) for n, q in step_model.named_parameters() if q.requires_grad]
@@ -317,6 +320,20 @@ if master:
 
 
 # ---- the objective (eq. 10) -------------------------------------------------------------------------------
+phases, mark = {}, 0.0  # --profile: seconds per phase of the current step (bench.py's breakdown)
+
+
+def lap(name=None):
+    """Adds the seconds since the previous lap to phases[name], once the GPU has finished its queue."""
+    global mark
+    if args.profile:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if name:
+            phases[name] = phases.get(name, 0.0) + now - mark
+        mark = now
+
 
 def to_device(batch):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -344,6 +361,13 @@ def noise_like(embeds, ids, step, kind):
     return noise
 
 
+def peak_memory():
+    """Bytes: the GPU's peak allocation in this step, or on CPU the process's peak resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def token_counts(batch):
     """Answer tokens entering each loss term, for normalising by the global count (all ranks, micro-steps)."""
     labels = batch["labels"]
@@ -367,6 +391,7 @@ def answer_positions(labels):
 def loss_parts(batch, step, totals):
     """L_sft, L_adv and L_cons of one micro-batch, each a sum divided by its global count."""
     embeds, image_mask = step_model(batch)
+    lap("embed")
     labels, n = batch["labels"], len(batch["labels"])
     keep = answer_positions(labels)
     targets = labels[:, keep + 1]  # aligned with the kept logits
@@ -376,12 +401,21 @@ def loss_parts(batch, step, totals):
     if adv:
         sub, base, sub_mask = rows_of(batch, adv), embeds[adv].detach(), mask[adv]
         noise = noise_like(base, [batch["ids"][r] for r in adv], step, args.adv)
+        lap("noise")
         if args.adv == "pgd":  # gradients w.r.t. delta only: the attack leaves parameter .grad alone
-            # the attacked loss is L_adv's own normalisation (the global batch mean, as the authors' per-batch
-            # mean): each sample's step is then the same however the batch is split over ranks
-            delta = losses.pgd(lambda d: losses.sft_loss(step_model(sub, base + d, keep), targets[adv], "sum",
-                                                         shift=False) / totals[1],
-                               base, sub_mask, args.eps, args.alpha, args.pgd_steps, args.pgd_sign, noise=noise)
+            calls = iter(range(1, args.pgd_steps + 1))
+
+            def attacked(d):
+                """L_adv's own normalisation (the global batch mean, as the authors' per-batch mean):
+                each sample's step is then the same however the batch is split over ranks."""
+                i = next(calls)
+                if i > 1:
+                    lap(f"pgd{i - 1}")  # the previous step's forward and backward w.r.t. delta
+                return losses.sft_loss(step_model(sub, base + d, keep), targets[adv], "sum", shift=False) / totals[1]
+
+            delta = losses.pgd(attacked, base, sub_mask, args.eps, args.alpha, args.pgd_steps, args.pgd_sign,
+                               noise=noise)
+            lap(f"pgd{args.pgd_steps}")
         else:
             delta = losses.gaussian_noise(base, sub_mask, args.sigma, noise=noise)
         all_embeds = torch.cat([embeds, embeds[adv] + delta])  # clean graph kept: L_adv trains the projector too
@@ -399,18 +433,24 @@ def loss_parts(batch, step, totals):
         o, q = map(list, zip(*pairs))
         cons = losses.consistency(answer[o], answer[q], args.cons, args.tau, answer_mask[o] & answer_mask[q],
                                   "sum") / totals[2].clamp(min=1)
+    lap("forward")
     return sft, adv_loss, cons
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
-bad, t0, tokens_seen = 0, time.time(), 0
+bad, t0, tokens_seen = 0, time.time(), 0  # tokens: every rank's, real (not padding)
 for step in range(start, max_steps):
+    phases.clear()
+    lap()
+    if args.profile and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
     batches = [to_device(b) for b in micro_batches(step)]
     totals = all_sum(sum(token_counts(b) for b in batches).to(device))
-    parts = torch.zeros(3, device=device)
+    lap("data")
+    parts = torch.zeros(4, device=device)  # sft, adv, cons, tokens
     skipped = False
     for batch in batches:
         sft, adv_loss, cons = loss_parts(batch, step, totals)
@@ -420,8 +460,8 @@ for step in range(start, max_steps):
             skipped = True
             break
         loss.backward()
-        parts += torch.stack([sft, adv_loss, cons]).detach()
-        tokens_seen += int(batch["attention_mask"].sum())
+        lap("backward")
+        parts += torch.stack([sft, adv_loss, cons, batch["attention_mask"].sum().float()]).detach()
     if skipped:
         optimizer.zero_grad(set_to_none=True)
         bad += 1
@@ -434,22 +474,26 @@ for step in range(start, max_steps):
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    lap("optimizer")
     parts = all_sum(parts)
-    sft, adv_loss, cons = parts.tolist()
+    sft, adv_loss, cons, tokens = parts.tolist()
+    tokens_seen += tokens
     total = sft + adv_loss + args.lambda_cons * cons
     if master:
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"step": step, "lr": lr, "loss": total, "sft": sft, "adv": adv_loss, "cons": cons,
-                                "grad_norm": grad_norm, "time": time.time() - t0}) + "\n")
+                                "grad_norm": grad_norm, "time": time.time() - t0, "tokens": int(tokens),
+                                **({"phases": phases, "peak_mem": peak_memory()} if args.profile else {})}) + "\n")
         progress(step + 1 - start, max_steps - start, t0, "steps",
                  f"| loss {total:.4f} (sft {sft:.4f} adv {adv_loss:.4f} cons {cons:.4f}) | "
-                 f"{tokens_seen * world / (time.time() - t0):.0f} tok/s")
-    if (step + 1) % args.save_every == 0 or step + 1 == max_steps:
+                 f"{tokens_seen / (time.time() - t0):.0f} tok/s")
+    if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == max_steps):
         save_checkpoint(step + 1)
 
 # ---- the output: a Hugging Face folder that plain transformers loads --------------------------------------
-full = get_model_state_dict(step_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-if master:
+full = get_model_state_dict(step_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+    if args.export else {}
+if master and args.export:
     full = {k.removeprefix("model."): v for k, v in full.items()}
     tmp = os.path.join(args.out, ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,201 @@
+"""What the method costs. Runs train.py itself (--profile) for each preset on the same batches of a
+random-weight LLaVA and prints seconds per step, samples/s, tokens/s, peak memory, the ratio to fft-aug
+next to its compute floor, and where the time goes; then the memory plan of the real 7B and 13B
+architectures per rank, sharded on the meta device exactly as train.py shards them. No download.
+  python bench.py                                    # CPU: a 22M-parameter LLaVA, about 3 minutes
+  python bench.py --arch llava-1.5-7b --presets fft-aug ours --cpu-offload on    # a GPU, real shapes
+  python bench.py --plan-only --world 4 8 --rows 20 --length 700                   # memory plan only
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import model as M
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# LLaVA-architecture shapes. The 7B/13B rows are the published llava-1.5-{7,13}b-hf configs (CLIP
+# ViT-L/14 at 336 px, Vicuna); "cpu" is small enough for a laptop yet dominated by its matrix products.
+ARCHS = {
+    "tiny": dict(hidden=64, layers=2, heads=4, vision_hidden=32, vision_layers=2),
+    "cpu": dict(hidden=512, layers=6, heads=8, intermediate=1376, vision_hidden=256, vision_layers=4,
+                vision_heads=4, image=64, patch=8),
+    "llava-1.5-7b": dict(hidden=4096, layers=32, heads=32, intermediate=11008, vocab=32064, vision_hidden=1024,
+                         vision_layers=24, vision_heads=16, vision_intermediate=4096, image=336, patch=14),
+    "llava-1.5-13b": dict(hidden=5120, layers=40, heads=40, intermediate=13824, vocab=32064, vision_hidden=1024,
+                          vision_layers=24, vision_heads=16, vision_intermediate=4096, image=336, patch=14),
+}
+PHASES = ["data", "embed", "noise", "pgd1", "pgd2", "pgd3", "pgd4", "forward", "backward", "optimizer"]
+
+
+def floor(preset, pgd_steps, ratio_image=0.25, ratio_text=0.25):
+    """Work of one LLM step relative to fft-aug's, counted in row passes: a forward is 1, a backward
+    with parameter gradients 2, a backward w.r.t. the input only (PGD's, gradients w.r.t. delta) 1.
+    Image- and text-heavy originals get a twin; they and their twins are the rows PGD/RG perturb."""
+    heavy = ratio_image + ratio_text
+    if preset == "fft-vqa":
+        return 3 * 1 / (3 * (1 + heavy))
+    rows, adv = 1 + heavy, 2 * heavy
+    work = 3 * rows
+    if preset in ("rg", "pgd", "ours"):
+        work += 3 * adv + (2 * adv * pgd_steps if preset != "rg" else 0)
+    return work / (3 * rows)
+
+
+def run_preset(name, preset, extra, folder, data, out, steps, batch):
+    """One train.py process; returns its metrics lines (the first `--warmup` are dropped by the caller)."""
+    run_out = os.path.join(out, "runs", name)
+    if os.path.exists(os.path.join(run_out, "metrics.jsonl")):
+        os.remove(os.path.join(run_out, "metrics.jsonl"))
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--model", folder, "--data", data, "--out", run_out,
+           "--preset", preset, "--max-steps", str(steps), "--batch-size", str(batch), "--seed", "0",
+           "--profile", "--save-every", "0", "--no-export", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    with open(os.path.join(run_out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def summarize(lines, warmup, batch, world=1):
+    kept = lines[warmup:]
+    times = [b["time"] - a["time"] for a, b in zip(lines[warmup - 1:], kept)] if warmup else [kept[0]["time"]]
+    step = statistics.mean(times)
+    phases = {k: statistics.mean(m["phases"].get(k, 0.0) for m in kept) for k in PHASES}
+    return dict(step=step, samples=batch * world / step, tokens=statistics.mean(m["tokens"] for m in kept) / step,
+                peak=max(m["peak_mem"] for m in kept), phases=phases)
+
+
+def speed(args):
+    arch = args.arch
+    folder = os.path.join(args.out, arch)
+    data = os.path.join(args.out, "data")
+    if not os.path.exists(os.path.join(data, "train.jsonl")):
+        subprocess.run([sys.executable, os.path.join(HERE, "data", "toy", "prepare.py"), "--out", data,
+                        "--n-train", "200", "--n-test", "10"], check=True, stdout=subprocess.DEVNULL)
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        print(f"building a random-weight {arch} LLaVA in {folder}", flush=True)
+        words = open(os.path.join(data, "vocab.txt"), encoding="utf-8").read().split()
+        M.make_tiny("llava", folder, words, seed=0, dtype=None if arch in ("tiny", "cpu") else torch.bfloat16,
+                    **ARCHS[arch])
+    runs = [(p, p, []) for p in args.presets]
+    if "ours" in args.presets:  # the price of each extra PGD step
+        runs += [(f"ours T={t}", "ours", ["--pgd-steps", str(t)]) for t in args.extra_pgd_steps]
+    results, t0 = {}, time.time()
+    for i, (name, preset, extra) in enumerate(runs):
+        print(f"[{time.time() - t0:4.0f}s] {name} ({i + 1}/{len(runs)}): {args.warmup} warm-up + {args.steps} "
+              f"timed steps", flush=True)
+        lines = run_preset(name.replace(" ", "").replace("=", ""), preset, extra + args.train_args, folder,
+                           os.path.join(data, "train.jsonl"), args.out, args.warmup + args.steps, args.batch_size)
+        results[name] = summarize(lines, args.warmup, args.batch_size)
+        results[name]["floor"] = floor(preset, int(extra[1]) if extra else 2)
+    base = results.get("fft-aug", next(iter(results.values())))["step"]
+    used = [k for k in PHASES if any(r["phases"][k] > 0 for r in results.values())]
+    device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    memory = "peak GPU memory" if torch.cuda.is_available() else "peak RSS"
+    print(f"\n{arch} LLaVA, random weights, {device}, batch {args.batch_size} originals (+ twins), "
+          f"mean of {args.steps} steps after {args.warmup} warm-up; phases in ms\n")
+    lines = [f"| preset | s/step | samples/s | tokens/s | {memory} | x fft-aug | floor | " + " | ".join(used) + " |",
+             "|---" * (7 + len(used)) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['step']:.3f} | {r['samples']:.1f} | {r['tokens']:.0f} | {r['peak'] / 2**30:.2f} GiB"
+                     f" | {r['step'] / base:.2f} | {r['floor']:.2f} | "
+                     + " | ".join(f"{1000 * r['phases'][k]:.0f}" for k in used) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if "ours" in results and all(f"ours T={t}" in results for t in (1, 3)):
+        extra_step = (results["ours T=3"]["step"] - results["ours T=1"]["step"]) / 2 / base
+        print(f"\neach extra PGD step: {extra_step:.2f}x fft-aug (floor {floor('ours', 3) - floor('ours', 2):.2f}x)")
+    with open(os.path.join(args.out, f"speed-{arch}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+# ---- memory plan: the real architecture on the meta device, sharded by FSDP2 as train.py does -------------
+
+def plan(arch, world, rows, length):
+    """Per-rank bytes of train.py's layout for `world` ranks: fp32 sharded parameters, gradients and
+    AdamW state (two fp32 moments) of the trained ones, the bf16 units FSDP2 gathers, and activations."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # collectives that do nothing
+
+    dims = ARCHS[arch]
+    config, _ = M.make_parts("llava", (), **dims)
+    with torch.device("meta"):  # shapes without storage: a 13B model costs nothing to build
+        model = M.FAMILIES["llava"]["cls"](config)
+    M.freeze(model)
+    units = [sum(q.numel() for q in b.parameters()) for b in M.blocks(model)]
+    total = sum(q.numel() for q in model.parameters())
+    units.append(total - sum(units))  # the root: embeddings, projector, lm head, norms
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        policy = dict(mesh=init_device_mesh("cpu", (world,)), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        for block in M.blocks(model):
+            fully_shard(block, **policy)
+        fully_shard(model, **policy)
+        local = {n: q.to_local().numel() for n, q in model.named_parameters()}  # rank 0 holds the largest shard
+        trained = sum(local[n] for n, q in model.named_parameters() if q.requires_grad)
+    finally:
+        dist.destroy_process_group()
+    h, L, inter = dims["hidden"], dims["layers"], dims["intermediate"]
+    # activation checkpointing: each block's bf16 input is kept, and one block's internals are recomputed
+    acts = 2 * rows * length * (L * h + 10 * h + 3 * inter)
+    out = dict(params=4 * sum(local.values()), grads=4 * trained, adam=8 * trained, unit=2 * max(units),
+               activations=acts, total=total)
+    gathered = 2 * 2 * out["unit"]  # the unit computing and the one prefetched, bf16, plus their gradients
+    out["gpu_offload"] = gathered + acts
+    out["gpu"] = out["params"] + out["grads"] + out["adam"] + gathered + acts
+    out["host_offload"] = out["params"] + out["grads"] + out["adam"] + 4 * total  # + every rank loads fp32
+    out["host"] = 4 * total
+    return out
+
+
+def plans(args):
+    gib = 2**30
+    lines = [f"memory plan per rank: fp32 shards + bf16 compute, vision tower frozen, activation checkpointing, "
+             f"{args.rows} rows x {args.length} tokens per pass (the final pass of `ours` at batch 8)\n",
+             "| model | ranks | params | grads | AdamW | largest unit | activations | GPU, no offload | "
+             "GPU, CPU offload | host RAM, offload |", "|---" * 10 + "|"]
+    for arch in args.plan:
+        for world in args.world:
+            r = plan(arch, world, args.rows, args.length)
+            lines.append(f"| {arch} ({r['total'] / 1e9:.2f}B) | {world} | " + " | ".join(
+                f"{r[k] / gib:.1f} GiB" for k in ("params", "grads", "adam", "unit", "activations", "gpu",
+                                                 "gpu_offload", "host_offload")) + " |")
+    print("\n".join(lines))
+    print("\nGPU = shards + 2 gathered units (+ their gradients) + activations (an estimate: each block's input"
+          "\nplus one block recomputed). Host RAM today includes the full fp32 model every rank loads first.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=list(ARCHS), default="cpu")
+    p.add_argument("--presets", nargs="+", default=["fft-vqa", "fft-aug", "kl", "js", "rg", "pgd", "ours"])
+    p.add_argument("--extra-pgd-steps", type=int, nargs="*", default=[1, 3], help="ours with these PGD steps too")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per preset")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, caches)")
+    p.add_argument("--out", default=os.path.join(HERE, "out", "bench"))
+    p.add_argument("--plan", nargs="*", default=["llava-1.5-7b", "llava-1.5-13b"], help="architectures to plan")
+    p.add_argument("--plan-only", action="store_true")
+    p.add_argument("--world", type=int, nargs="+", default=[1, 4, 8], help="ranks for the memory plan")
+    p.add_argument("--rows", type=int, default=20, help="rows per pass for the activation estimate")
+    p.add_argument("--length", type=int, default=700, help="tokens per row (LLaVA-1.5: 576 image tokens + text)")
+    args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py, e.g. --cpu-offload on
+    os.makedirs(args.out, exist_ok=True)
+    if not args.plan_only:
+        speed(args)
+        print()
+    if args.plan:
+        plans(args)
+
+
+if __name__ == "__main__":
+    main()
