@@ -152,8 +152,8 @@ def plan(arch, world, rows, length):
     gathered = 2 * 2 * out["unit"]  # the unit computing and the one prefetched, bf16, plus their gradients
     out["gpu_offload"] = gathered + acts
     out["gpu"] = out["params"] + out["grads"] + out["adam"] + gathered + acts
-    out["host_offload"] = out["params"] + out["grads"] + out["adam"] + 4 * total  # + every rank loads fp32
-    out["host"] = 4 * total
+    out["host_offload"] = out["params"] + out["grads"] + out["adam"]
+    out["load"] = 4 * total  # rank 0 reads the fp32 weights before handing out shards (train.py)
     return out
 
 
@@ -162,16 +162,16 @@ def plans(args):
     lines = [f"memory plan per rank: fp32 shards + bf16 compute, vision tower frozen, activation checkpointing, "
              f"{args.rows} rows x {args.length} tokens per pass (the final pass of `ours` at batch 8)\n",
              "| model | ranks | params | grads | AdamW | largest unit | activations | GPU, no offload | "
-             "GPU, CPU offload | host RAM, offload |", "|---" * 10 + "|"]
+             "GPU, CPU offload | host RAM, offload | rank 0 load |", "|---" * 11 + "|"]
     for arch in args.plan:
         for world in args.world:
             r = plan(arch, world, args.rows, args.length)
             lines.append(f"| {arch} ({r['total'] / 1e9:.2f}B) | {world} | " + " | ".join(
                 f"{r[k] / gib:.1f} GiB" for k in ("params", "grads", "adam", "unit", "activations", "gpu",
-                                                 "gpu_offload", "host_offload")) + " |")
+                                                 "gpu_offload", "host_offload", "load")) + " |")
     print("\n".join(lines))
     print("\nGPU = shards + 2 gathered units (+ their gradients) + activations (an estimate: each block's input"
-          "\nplus one block recomputed). Host RAM today includes the full fp32 model every rank loads first.")
+          "\nplus one block recomputed). Rank 0 also holds the full fp32 model while it hands out the shards.")
 
 
 def main(argv=None):

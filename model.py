@@ -81,14 +81,19 @@ def load_processor(path, fam):
         return QwenImageProcessor(image_processor=ip, tokenizer=tok)
 
 
-def load(name_or_path, dtype=None, device=None, trust_remote_code=False):
-    """(model, processor) from a hub id, an alias of ALIASES or a local folder."""
+def load(name_or_path, dtype=None, device=None, trust_remote_code=False, meta=False):
+    """(model, processor) from a hub id, an alias of ALIASES or a local folder. meta: the architecture
+    without weights, on the meta device (train.py's other ranks receive their shards from rank 0)."""
     path = ALIASES.get(name_or_path, name_or_path)
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if config.model_type not in MODEL_TYPES:
         raise ValueError(f"{path}: model type {config.model_type!r} is not one of {sorted(MODEL_TYPES)}")
     fam = MODEL_TYPES[config.model_type]
-    model = FAMILIES[fam]["cls"].from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if meta:
+        with torch.device("meta"):
+            model = FAMILIES[fam]["cls"]._from_config(config, dtype=dtype)
+    else:
+        model = FAMILIES[fam]["cls"].from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     processor = load_processor(path, fam)
     model.family = processor.family = fam
     return model.to(device) if device is not None else model, processor

@@ -857,16 +857,20 @@ def test_the_output_folder_is_the_trained_model_for_plain_transformers(toy, tmp_
         assert any(n.startswith("qformer.") for n, _ in plain.named_parameters())
 
 
-def test_two_processes_train_like_one_and_the_loss_falls(toy, tmp_path):
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_two_processes_train_like_one_and_the_loss_falls(toy, tmp_path, fam):
+    """Rank 1 starts on the meta device and receives its shards and buffers from rank 0."""
     data, models = toy
-    common = ["train.py", "--model", models["llava"], "--data", data, "--max-steps", "6", "--lr", "2e-3",
+    common = ["train.py", "--model", models[fam], "--data", data, "--max-steps", "6", "--lr", "2e-3",
               "--warmup", "0", "--eps", "0.05", "--out"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable] + common + [str(tmp_path / "one"), "--batch-size", "8"], check=True, cwd=HERE,
                    env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-                   + common + [str(tmp_path / "two"), "--batch-size", "4"], check=True, cwd=HERE, env=env,
-                   capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29533 + list(FAMILIES).index(fam))]
+                         + common + [str(tmp_path / "two"), "--batch-size", "4"], cwd=HERE, env=env,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-5000:]
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
@@ -898,6 +902,9 @@ def test_a_killed_run_resumes_with_the_same_losses(toy, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["lr"] == b["lr"]
     w1, w2 = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    again = subprocess.run(argv + [str(tmp_path / "cut")], cwd=HERE, capture_output=True, text=True)
+    assert again.returncode == 1 and "pass --resume" in again.stderr  # a fresh run never deletes checkpoints
+    assert (tmp_path / "cut" / "ckpt-00000030").exists()
 
 
 def test_bad_training_data_fails_before_training_naming_the_line(toy, tmp_path):

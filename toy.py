@@ -43,7 +43,8 @@ def run(*cmd):
 def train(model, out, extra, seed, steps):
     if not os.path.exists(os.path.join(out, "model.safetensors")):
         run("train.py", "--model", model, "--data", os.path.join(args.data, "train.jsonl"), "--out", out,
-            "--seed", str(seed), "--k-facts", K_FACTS, "--save-every", "100000", "--max-steps", str(steps), *extra)
+            "--seed", str(seed), "--k-facts", K_FACTS, "--save-every", "100000", "--max-steps", str(steps), "--resume",
+            *extra)
     return out
 
 

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -98,6 +98,9 @@ p.set_defaults(**PRESETS[preset])
 args = p.parse_args()
 if args.eps is None:
     args.eps = 1e-4 if "13b" in args.model.lower() else 1e-3
+if not args.resume and os.path.isdir(args.out) and any(d.startswith("ckpt-") for d in os.listdir(args.out)):
+    sys.exit(f"error: {args.out} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
+             f"another --out (a fresh run there would delete them)")
 
 # ---- distributed setup: torchrun's environment decides -----------------------------------------------------
 if "RANK" not in os.environ:  # plain `python train.py`: a group of one, so that one code path serves both
@@ -192,7 +195,10 @@ def micro_batches(step):
 
 
 # ---- model: frozen vision encoder, FSDP2 per layer, then the root ----------------------------------------
-hf_model, processor = M.load(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+# Only rank 0 reads the weights; the others build the architecture on the meta device and receive their
+# shards from it below, so host memory holds one full copy of the model, not one per rank.
+hf_model, processor = M.load(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code,
+                             meta=not master)
 size = M.image_size(processor)  # canvases and random pixels are drawn at the vision encoder's input size
 if args.freeze_vision:
     M.freeze(hf_model)
@@ -220,9 +226,20 @@ policy = dict(mesh=init_device_mesh(device.type, (world,)),
               mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
 if offload:
     policy["offload_policy"] = CPUOffloadPolicy()
+full = dict(step_model.state_dict()) if master else {}  # rank 0's full tensors, for the broadcast below
 for block in M.blocks(hf_model):  # every transformer block of the vision tower and the LLM, the torchtune way
     fully_shard(block, **policy)
 fully_shard(step_model, **policy)
+if not master:
+    step_model.to_empty(device="cpu" if offload else device)  # storage for this rank's shards
+with torch.no_grad():
+    for mod in step_model.modules():  # buffers (rotary frequencies, position ids) are not in state dicts
+        for name, b in mod.named_buffers(recurse=False):
+            mod._buffers[name] = b.to(device) if master else torch.empty_like(b, device=device)
+            dist.broadcast(mod._buffers[name], 0)
+set_model_state_dict(step_model, full,
+                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+del full
 trainable = [(n, q) for n, q in step_model.named_parameters() if q.requires_grad]
 decay = [q for n, q in trainable if q.ndim >= 2]
 no_decay = [q for n, q in trainable if q.ndim < 2]  # biases and norms, as the Hugging Face Trainer does
