@@ -62,12 +62,13 @@ def run_preset(name, preset, extra, folder, data, out, steps, batch):
         return [json.loads(line) for line in f]
 
 
-def summarize(lines, warmup, batch, world=1):
+def summarize(lines, warmup, batch):
+    """Mean seconds per step (between consecutive metrics lines), originals and real tokens per second."""
     kept = lines[warmup:]
     times = [b["time"] - a["time"] for a, b in zip(lines[warmup - 1:], kept)] if warmup else [kept[0]["time"]]
     step = statistics.mean(times)
     phases = {k: statistics.mean(m["phases"].get(k, 0.0) for m in kept) for k in PHASES}
-    return dict(step=step, samples=batch * world / step, tokens=statistics.mean(m["tokens"] for m in kept) / step,
+    return dict(step=step, samples=batch / step, tokens=statistics.mean(m["tokens"] for m in kept) / step,
                 peak=max(m["peak_mem"] for m in kept), phases=phases)
 
 
@@ -96,15 +97,16 @@ def speed(args):
         results[name]["floor"] = floor(preset, int(extra[1]) if extra else 2)
     base = results.get("fft-aug", next(iter(results.values())))["step"]
     used = [k for k in PHASES if any(r["phases"][k] > 0 for r in results.values())]
-    device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    cores = len(os.sched_getaffinity(0))
+    device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cores} cores)"
     memory = "peak GPU memory" if torch.cuda.is_available() else "peak RSS"
     print(f"\n{arch} LLaVA, random weights, {device}, batch {args.batch_size} originals (+ twins), "
           f"mean of {args.steps} steps after {args.warmup} warm-up; phases in ms\n")
     lines = [f"| preset | s/step | samples/s | tokens/s | {memory} | x fft-aug | floor | " + " | ".join(used) + " |",
              "|---" * (7 + len(used)) + "|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['step']:.3f} | {r['samples']:.1f} | {r['tokens']:.0f} | {r['peak'] / 2**30:.2f} GiB"
-                     f" | {r['step'] / base:.2f} | {r['floor']:.2f} | "
+        lines.append(f"| {name} | {r['step']:.3f} | {r['samples']:.1f} | {r['tokens']:.0f} | "
+                     f"{r['peak'] / 2**30:.2f} GiB | {r['step'] / base:.2f} | {r['floor']:.2f} | "
                      + " | ".join(f"{1000 * r['phases'][k]:.0f}" for k in used) + " |")
     table = "\n".join(lines)
     print(table)
@@ -136,7 +138,8 @@ def plan(arch, world, rows, length):
     units.append(total - sum(units))  # the root: embeddings, projector, lm head, norms
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        policy = dict(mesh=init_device_mesh("cpu", (world,)), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        policy = dict(mesh=init_device_mesh("cpu", (world,)),
+                      mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
         for block in M.blocks(model):
             fully_shard(block, **policy)
         fully_shard(model, **policy)
@@ -177,7 +180,8 @@ def plans(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=list(ARCHS), default="cpu")
-    p.add_argument("--presets", nargs="+", default=["fft-vqa", "fft-aug", "kl", "js", "rg", "pgd", "ours"])
+    trained = ["fft-vqa", "fft-aug", "kl", "js", "rg", "pgd", "ours"]  # vanilla has no step to time
+    p.add_argument("--presets", nargs="+", choices=trained, default=trained)
     p.add_argument("--extra-pgd-steps", type=int, nargs="*", default=[1, 3], help="ours with these PGD steps too")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="timed steps per preset")
