@@ -2,7 +2,7 @@
 random-weight LLaVA and prints seconds per step, samples/s, tokens/s, peak memory, the ratio to fft-aug
 next to its compute floor, and where the time goes; then the memory plan of the real 7B and 13B
 architectures per rank, sharded on the meta device exactly as train.py shards them. No download.
-  python bench.py                                    # CPU: a 22M-parameter LLaVA, about 3 minutes
+  python bench.py                                    # CPU: a 23M-parameter LLaVA, about 2 minutes
   python bench.py --arch llava-1.5-7b --presets fft-aug ours --cpu-offload on    # a GPU, real shapes
   python bench.py --plan-only --world 4 8 --rows 20 --length 700                   # memory plan only
 """
