@@ -753,6 +753,22 @@ def test_toy_world_is_deterministic_valid_and_split(tmp_path):
         assert tok.unk_token_id not in tok(text)["input_ids"], text  # the word-level tokenizer knows every word
 
 
+def test_toy_remarks_leave_the_default_world_alone_and_name_another_pattern(tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "data/toy/prepare.py", "--n-train", "40", "--n-test", "10", "--out"]
+    subprocess.run(cmd + [str(tmp_path / "plain")], check=True, cwd=here, capture_output=True)
+    subprocess.run(cmd + [str(tmp_path / "zero"), "--remark-rate", "0"], check=True, cwd=here, capture_output=True)
+    subprocess.run(cmd + [str(tmp_path / "half"), "--remark-rate", "0.5"], check=True, cwd=here, capture_output=True)
+    assert (tmp_path / "plain" / "train.jsonl").read_bytes() == (tmp_path / "zero" / "train.jsonl").read_bytes()
+    vqa = [s for s in perturb.load_samples(str(tmp_path / "half" / "train.jsonl")) if s["task"] == "vqa"]
+    remarked = [s for s in vqa if not s["question"].startswith("What")]
+    assert 0.25 < len(remarked) / len(vqa) < 0.75
+    for s in remarked:  # "The dots are red . What color are the stripes ?": never the asked pattern
+        words = s["question"].split()
+        assert words[1] != words[-2] and words[3] in s["options"] and words[5:] == ["What", "color", "are", "the",
+                                                                                    words[-2], "?"]
+
+
 def test_the_toy_world_shows_interference_and_its_mitigation(tmp_path):
     """toy.py at reduced scale (500 samples per task, 500 + 300 steps, seed 0; about 2.5 min): the vanilla
     model is fooled by misleading descriptions, the `ours` model much less, both well above chance."""

@@ -100,6 +100,10 @@ p.add_argument("--n-train", type=int, default=2000, help="toy samples per task f
 p.add_argument("--n-test", type=int, default=300, help="toy samples per task for evaluation")
 p.add_argument("--vanilla-steps", type=int, default=800)
 p.add_argument("--finetune-steps", type=int, default=300)
+p.add_argument("--remark-rate", type=float, default=0.0, help="data/toy/prepare.py's share of VQA questions "
+               "after a remark on another pattern")
+p.add_argument("--caption-rate", type=float, default=0.7, help="data/toy/prepare.py's share of captioned "
+               "image questions in training")
 p.add_argument("--ablation", action="store_true", help="every preset x 3 seeds (about an hour on 2 cores)")
 args = p.parse_args()
 
@@ -108,7 +112,7 @@ def main():
     t0 = time.time()
     phase(f"making the toy world ({args.data})", t0, 0, 1)
     run(os.path.join("data", "toy", "prepare.py"), "--out", args.data, "--n-train", str(args.n_train),
-        "--n-test", str(args.n_test))
+        "--n-test", str(args.n_test), "--remark-rate", str(args.remark_rate), "--caption-rate", str(args.caption_rate))
     if args.ablation:
         return ablation(args.out, t0)
     root = os.path.join(args.out, f"seed{args.seed}")

@@ -1,6 +1,7 @@
 """The toy world: coloured patterns on 32 px images. Image-heavy questions ask which pattern is shown
 (the image decides), text-heavy questions ask the colour the text gives a pattern (the text decides;
-the image is random pixels), VQA questions ask the colour of the pattern shown (the image decides).
+the image is random pixels), VQA questions ask the colour of the pattern shown (the image decides),
+some after a remark on another pattern, worded as text-heavy questions state their colour.
 Deterministic from a seed; train and test share no ids; writes vocab.txt for a word-level tokenizer.
   python data/toy/prepare.py [--out data/toy --n-train 2000 --n-test 300 --seed 0]
 """
@@ -41,10 +42,14 @@ def draw(shape, color, rng):
     return im
 
 
-def make(split, n, rng, out, caption_rate, true_caption):
+def make(split, n, rng, out, caption_rate, true_caption, remark_rate):
     """n samples of each task. Train image questions sometimes carry a caption in the wordings MD
     uses for training; as in real instruction data, the caption is (almost) always true, so a model
-    trained the vanilla way learns to trust it."""
+    trained the vanilla way learns to trust it. Some VQA questions follow a remark on another pattern
+    ("The dots are red ."), as real ones follow context about other things: the words then no longer
+    tell VQA from text-heavy questions unless one binds the remark's pattern to the asked one, and the
+    vanilla model takes the easier cue, the kind of image (random pixels: copy the text; a picture:
+    read it), which RI, FB and FW then break."""
     os.makedirs(os.path.join(out, "images", split), exist_ok=True)
     colors, rows = list(COLORS), []
     for i in range(n):
@@ -61,9 +66,12 @@ def make(split, n, rng, out, caption_rate, true_caption):
         rows.append(dict(id=f"toy-{split}-txt-{i:05d}", task="text_heavy", image=None,
                          question=f"The {thing} are {said} . What color are the {thing} ?", options=colors,
                          answer=colors.index(said), source="toy-things"))
-        rows.append(dict(id=f"toy-{split}-vqa-{i:05d}", task="vqa", image=image,
-                         question=f"What color are the {shape} ?", options=colors, answer=colors.index(color),
-                         source="toy-colors"))
+        question = f"What color are the {shape} ?"
+        if remark_rate and rng.random() < remark_rate:  # 0 draws nothing: the default world is unchanged
+            other = rng.choice([s for s in SHAPES if s != shape])
+            question = f"The {other} are {rng.choice(colors)} . " + question
+        rows.append(dict(id=f"toy-{split}-vqa-{i:05d}", task="vqa", image=image, question=question,
+                         options=colors, answer=colors.index(color), source="toy-colors"))
     with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
@@ -87,10 +95,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--caption-rate", type=float, default=0.7, help="share of train image questions with a caption")
     p.add_argument("--true-caption", type=float, default=1.0, help="how often a train caption is true")
+    p.add_argument("--remark-rate", type=float, default=0.0, help="share of VQA questions after a remark "
+                   "on another pattern (train and test); 0.25 makes RI/FW fool the vanilla model (work in progress)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
-    train = make("train", args.n_train, rng, args.out, args.caption_rate, args.true_caption)
-    test = make("test", args.n_test, rng, args.out, 0.0, 1.0)  # clean test questions: MD brings the lie
+    train = make("train", args.n_train, rng, args.out, args.caption_rate, args.true_caption, args.remark_rate)
+    # clean test image questions (MD brings the lie); VQA questions keep their remarks
+    test = make("test", args.n_test, rng, args.out, 0.0, 1.0, args.remark_rate)
     words = vocabulary(train + test)
     with open(os.path.join(args.out, "vocab.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(words) + "\n")
