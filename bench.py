@@ -30,7 +30,12 @@ ARCHS = {
     "llava-1.5-13b": dict(hidden=5120, layers=40, heads=40, intermediate=13824, vocab=32064, vision_hidden=1024,
                           vision_layers=24, vision_heads=16, vision_intermediate=4096, image=336, patch=14),
 }
-PHASES = ["data", "embed", "noise", "pgd1", "pgd2", "pgd3", "pgd4", "forward", "backward", "optimizer"]
+
+
+def phase_names(pgd_steps):
+    """train.py --profile's phases in the order a step runs them."""
+    return ["data", "embed", "noise", *(f"pgd{t}" for t in range(1, pgd_steps + 1)), "forward", "backward",
+            "optimizer"]
 
 
 def floor(preset, pgd_steps, ratio_image=0.25, ratio_text=0.25):
@@ -49,9 +54,7 @@ def floor(preset, pgd_steps, ratio_image=0.25, ratio_text=0.25):
 
 def run_preset(name, preset, extra, folder, data, out, steps, batch):
     """One train.py process; returns its metrics lines (the first `--warmup` are dropped by the caller)."""
-    run_out = os.path.join(out, "runs", name)
-    if os.path.exists(os.path.join(run_out, "metrics.jsonl")):
-        os.remove(os.path.join(run_out, "metrics.jsonl"))
+    run_out = os.path.join(out, "runs", name)  # a fresh run there rewrites its metrics.jsonl
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--model", folder, "--data", data, "--out", run_out,
            "--preset", preset, "--max-steps", str(steps), "--batch-size", str(batch), "--seed", "0",
            "--profile", "--save-every", "0", "--no-export", *extra]
@@ -62,12 +65,12 @@ def run_preset(name, preset, extra, folder, data, out, steps, batch):
         return [json.loads(line) for line in f]
 
 
-def summarize(lines, warmup, batch):
+def summarize(lines, warmup, batch, names):
     """Mean seconds per step (between consecutive metrics lines), originals and real tokens per second."""
     kept = lines[warmup:]
     times = [b["time"] - a["time"] for a, b in zip(lines[warmup - 1:], kept)] if warmup else [kept[0]["time"]]
     step = statistics.mean(times)
-    phases = {k: statistics.mean(m["phases"].get(k, 0.0) for m in kept) for k in PHASES}
+    phases = {k: statistics.mean(m["phases"].get(k, 0.0) for m in kept) for k in names}
     return dict(step=step, samples=batch / step, tokens=statistics.mean(m["tokens"] for m in kept) / step,
                 peak=max(m["peak_mem"] for m in kept), phases=phases)
 
@@ -88,15 +91,16 @@ def speed(args):
     if "ours" in args.presets:  # the price of each extra PGD step
         runs += [(f"ours T={t}", "ours", ["--pgd-steps", str(t)]) for t in args.extra_pgd_steps]
     results, t0 = {}, time.time()
+    names = phase_names(max([2, *args.extra_pgd_steps]))
     for i, (name, preset, extra) in enumerate(runs):
         print(f"[{time.time() - t0:4.0f}s] {name} ({i + 1}/{len(runs)}): {args.warmup} warm-up + {args.steps} "
               f"timed steps", flush=True)
         lines = run_preset(name.replace(" ", "").replace("=", ""), preset, extra + args.train_args, folder,
                            os.path.join(data, "train.jsonl"), args.out, args.warmup + args.steps, args.batch_size)
-        results[name] = summarize(lines, args.warmup, args.batch_size)
+        results[name] = summarize(lines, args.warmup, args.batch_size, names)
         results[name]["floor"] = floor(preset, int(extra[1]) if extra else 2)
     base = results.get("fft-aug", next(iter(results.values())))["step"]
-    used = [k for k in PHASES if any(r["phases"][k] > 0 for r in results.values())]
+    used = [k for k in names if any(r["phases"][k] > 0 for r in results.values())]
     cores = len(os.sched_getaffinity(0))
     device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cores} cores)"
     memory = "peak GPU memory" if torch.cuda.is_available() else "peak RSS"

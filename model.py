@@ -302,8 +302,9 @@ def make_parts(family, words=(), hidden=32, layers=2, heads=2, vision_hidden=32,
         config = transformers.Qwen2_5_VLConfig(
             text_config=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
             vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-            vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                               num_heads=vision_heads, out_hidden_size=hidden,
+            vision_config=dict(depth=vision_layers, hidden_size=vision_hidden,
+                               intermediate_size=vision["intermediate_size"], num_heads=vision_heads,
+                               out_hidden_size=hidden,
                                patch_size=14, window_size=112, fullatt_block_indexes=[vision_layers - 1]))
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
