@@ -27,7 +27,11 @@ SIZE = 32
 
 def draw(shape, color, rng):
     """A patch of one pattern in one colour, jittered in place and size, on a grey background. Patterns
-    are visible inside every 8 px patch, so a small vision tower tells them apart as easily as colours."""
+    are visible inside every 8 px patch, and the gaps are a dark shade of the colour, so that the pattern is
+    a contrast of the same sign whatever the colour: a linear patch embedding sees it at once. (With grey
+    gaps, yellow on grey is brighter in some channels and darker in others, and whether a vanilla model
+    learnt to see patterns at all was a coin toss of the seed: 1 in 2 read the caption and memorised
+    the rest.)"""
     im = Image.new("RGB", (SIZE, SIZE), (160, 160, 160))
     px = im.load()
     side = rng.randint(18, 28)
@@ -35,10 +39,13 @@ def draw(shape, color, rng):
     fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLORS[color])
     on = {"stripes": lambda x, y: y % 4 < 2, "columns": lambda x, y: x % 4 < 2,
           "checks": lambda x, y: (x // 2 + y // 2) % 2 == 0, "dots": lambda x, y: x % 4 == 0 and y % 4 == 0}[shape]
+    dark = tuple(c // 4 for c in fill)
     for y in range(y0, y0 + side):
         for x in range(x0, x0 + side):
             if on(x, y):
                 px[x, y] = fill
+            else:
+                px[x, y] = dark
     return im
 
 
