@@ -104,7 +104,7 @@ p.add_argument("--remark-rate", type=float, default=0.0, help="data/toy/prepare.
                "after a remark on another pattern")
 p.add_argument("--caption-rate", type=float, default=0.7, help="data/toy/prepare.py's share of captioned "
                "image questions in training")
-p.add_argument("--ablation", action="store_true", help="every preset x 3 seeds (about an hour on 2 cores)")
+p.add_argument("--ablation", action="store_true", help="every preset x 3 seeds (about 30 minutes on 2 cores)")
 args = p.parse_args()
 
 
