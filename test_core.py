@@ -770,17 +770,19 @@ def test_toy_remarks_leave_the_default_world_alone_and_name_another_pattern(tmp_
 
 
 def test_the_toy_world_shows_interference_and_its_mitigation(tmp_path):
-    """toy.py at reduced scale (500 samples per task, 500 + 300 steps, seed 0; about 2.5 min): the vanilla
-    model is fooled by misleading descriptions (measured: delta_cp 0.30), the `ours` model much less
-    (measured: 0.00), both well above chance."""
+    """toy.py with the default world and vanilla training, fewer test samples and half the fine-tuning
+    steps (seed 0; about 2.8 min on 2 cores): the vanilla model is fooled by misleading descriptions
+    (measured: delta_cp 0.85 with 2 threads), the `ours` model is not (0.00), both well above chance.
+    (With 500 samples per task and 500 vanilla steps, MD's delta_cp was 0.30 with 1 thread and 0.18 with
+    2: too little training makes the effect depend on the machine.)"""
     out, data = tmp_path / "out", tmp_path / "data"
-    subprocess.run([sys.executable, "toy.py", "--out", str(out), "--data", str(data), "--n-train", "500",
-                    "--n-test", "60", "--vanilla-steps", "500", "--finetune-steps", "300"],
-                   check=True, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
+    subprocess.run([sys.executable, "toy.py", "--out", str(out), "--data", str(data), "--n-test", "60",
+                    "--finetune-steps", "150"], check=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                   capture_output=True)
     vanilla, ours = (json.loads((out / "seed0" / name / "eval" / "diagnosis.json").read_text())
                      for name in ("vanilla", "ours"))
-    assert vanilla["toy-shapes"]["md"]["delta_cp"] >= 0.2
-    assert ours["toy-shapes"]["md"]["delta_cp"] <= min(0.1, vanilla["toy-shapes"]["md"]["delta_cp"] - 0.15)
+    assert vanilla["toy-shapes"]["md"]["delta_cp"] >= 0.5
+    assert ours["toy-shapes"]["md"]["delta_cp"] <= min(0.1, vanilla["toy-shapes"]["md"]["delta_cp"] - 0.4)
     for summary in (vanilla, ours):
         assert all(summary[source]["orig"]["acc"] > 0.5 for source in summary)  # chance is 0.25
 
