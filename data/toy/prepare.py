@@ -42,10 +42,7 @@ def draw(shape, color, rng):
     dark = tuple(c // 4 for c in fill)
     for y in range(y0, y0 + side):
         for x in range(x0, x0 + side):
-            if on(x, y):
-                px[x, y] = fill
-            else:
-                px[x, y] = dark
+            px[x, y] = fill if on(x, y) else dark
     return im
 
 
