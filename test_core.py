@@ -787,6 +787,19 @@ def test_the_toy_world_shows_interference_and_its_mitigation(tmp_path):
         assert all(summary[source]["orig"]["acc"] > 0.5 for source in summary)  # chance is 0.25
 
 
+
+def test_toy_stops_rather_than_reuse_models_of_another_world(tmp_path):
+    """toy.py reuses the models under --out; ones trained on another world (here: no remarks) would give
+    that world's numbers under this one's name, so it stops before touching anything."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    world = dict(n_train=2000, n_test=300, vanilla_steps=800, finetune_steps=300, remark_rate=0.0, caption_rate=0.7)
+    out.mkdir()
+    (out / "world.json").write_text(json.dumps(world))
+    r = subprocess.run([sys.executable, "toy.py", "--out", str(out), "--data", str(data), "--remark-rate", "0.1"],
+                       cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    assert r.returncode != 0 and "another toy world" in r.stderr and "'remark_rate': 0.1" in r.stderr
+    assert not data.exists() and json.loads((out / "world.json").read_text()) == world
+
 # ---- train.py --------------------------------------------------------------------------------------------
 
 HERE = os.path.dirname(os.path.abspath(__file__))

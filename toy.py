@@ -108,8 +108,23 @@ p.add_argument("--ablation", action="store_true", help="every preset x 3 seeds (
 args = p.parse_args()
 
 
+def same_world(out):
+    """Models under --out are reused (an interrupted run goes on; --ablation reuses the quick start's
+    seed 0), so they must come from the same world and steps: record them, and stop on a mismatch."""
+    world = {k: getattr(args, k) for k in ("n_train", "n_test", "vanilla_steps", "finetune_steps", "remark_rate",
+                                           "caption_rate")}
+    path = os.path.join(out, "world.json")
+    if os.path.exists(path) and json.load(open(path)) != world:
+        sys.exit(f"{out} holds models of another toy world {json.load(open(path))}, not {world}: "
+                 f"pass another --out or delete it")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(world, f)
+
+
 def main():
     t0 = time.time()
+    same_world(args.out)
     phase(f"making the toy world ({args.data})", t0, 0, 1)
     run(os.path.join("data", "toy", "prepare.py"), "--out", args.data, "--n-train", str(args.n_train),
         "--n-test", str(args.n_test), "--remark-rate", str(args.remark_rate), "--caption-rate", str(args.caption_rate))
