@@ -6,6 +6,7 @@ import base64
 import copy
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -753,28 +754,36 @@ def test_toy_world_is_deterministic_valid_and_split(tmp_path):
         assert tok.unk_token_id not in tok(text)["input_ids"], text  # the word-level tokenizer knows every word
 
 
-def test_toy_remarks_leave_the_default_world_alone_and_name_another_pattern(tmp_path):
+def test_toy_text_questions_state_their_colour_or_ask_a_known_one(tmp_path):
     here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, "data/toy/prepare.py", "--n-train", "40", "--n-test", "10", "--out"]
-    subprocess.run(cmd + [str(tmp_path / "plain")], check=True, cwd=here, capture_output=True)
-    subprocess.run(cmd + [str(tmp_path / "zero"), "--remark-rate", "0"], check=True, cwd=here, capture_output=True)
-    subprocess.run(cmd + [str(tmp_path / "half"), "--remark-rate", "0.5"], check=True, cwd=here, capture_output=True)
-    assert (tmp_path / "plain" / "train.jsonl").read_bytes() == (tmp_path / "zero" / "train.jsonl").read_bytes()
-    vqa = [s for s in perturb.load_samples(str(tmp_path / "half" / "train.jsonl")) if s["task"] == "vqa"]
-    remarked = [s for s in vqa if not s["question"].startswith("What")]
-    assert 0.25 < len(remarked) / len(vqa) < 0.75
-    for s in remarked:  # "The dots are red . What color are the stripes ?": never the asked pattern
+    subprocess.run([sys.executable, "data/toy/prepare.py", "--n-train", "200", "--n-test", "100", "--out",
+                    str(tmp_path)], check=True, cwd=here, capture_output=True)
+    spec = importlib.util.spec_from_file_location("toy_prepare", os.path.join(here, "data", "toy", "prepare.py"))
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    colour_of = {thing: c for c, things in prepare.KNOWN.items() for thing in things}
+    assert len(colour_of) == sum(map(len, prepare.KNOWN.values()))  # no thing has two colours
+    samples = [s for split in ("train", "test") for s in perturb.load_samples(str(tmp_path / f"{split}.jsonl"))]
+    text = [s for s in samples if s["task"] == "text_heavy"]
+    known = [s for s in text if s["source"] == "toy-known"]
+    assert 0.35 < len(known) / len(text) < 0.65 and {s["source"] for s in text} == {"toy-known", "toy-stated"}
+    for s in text:
         words = s["question"].split()
-        assert words[1] != words[-2] and words[3] in s["options"] and words[5:] == ["What", "color", "are", "the",
-                                                                                    words[-2], "?"]
+        assert words[-6:-2] == ["What", "color", "are", "the"] and words[-1] == "?"  # as VQA asks
+        if s["source"] == "toy-known":  # the colour the world gives the thing, never stated
+            assert len(words) == 6 and s["options"][s["answer"]] == colour_of[words[-2]]
+        else:  # "The dots are red . What color are the dots ?"
+            assert words[:3] == ["The", words[-2], "are"] and s["options"][s["answer"]] == words[3]
 
 
 def test_the_toy_world_shows_interference_and_its_mitigation(tmp_path):
     """toy.py with the default world and vanilla training, fewer test samples and half the fine-tuning
     steps (seed 0; about 2.8 min on 2 cores): the vanilla model is fooled by misleading descriptions
-    (measured: delta_cp 0.85 with 2 threads), the `ours` model is not (0.00), both well above chance.
-    (With 500 samples per task and 500 vanilla steps, MD's delta_cp was 0.30 with 1 thread and 0.18 with
-    2: too little training makes the effect depend on the machine.)"""
+    (measured: delta_cp 0.88 with 2 threads), the `ours` model is not (0.00), both well above chance.
+    (The text-heavy side shows too, 0.09 under RI on the 33 known-colour questions, 0.00 after `ours`,
+    but with so few questions it is left to the quick start. With 500 samples per task and 500 vanilla
+    steps, an older world's MD delta_cp was 0.30 with 1 thread and 0.18 with 2: too little training makes
+    the effect depend on the machine.)"""
     out, data = tmp_path / "out", tmp_path / "data"
     subprocess.run([sys.executable, "toy.py", "--out", str(out), "--data", str(data), "--n-test", "60",
                     "--finetune-steps", "150"], check=True, cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -789,15 +798,15 @@ def test_the_toy_world_shows_interference_and_its_mitigation(tmp_path):
 
 
 def test_toy_stops_rather_than_reuse_models_of_another_world(tmp_path):
-    """toy.py reuses the models under --out; ones trained on another world (here: no remarks) would give
-    that world's numbers under this one's name, so it stops before touching anything."""
+    """toy.py reuses the models under --out; ones trained on another world (here: fewer captions) would
+    give that world's numbers under this one's name, so it stops before touching anything."""
     out, data = tmp_path / "out", tmp_path / "data"
-    world = dict(n_train=2000, n_test=300, vanilla_steps=800, finetune_steps=300, remark_rate=0.0, caption_rate=0.7)
+    world = dict(n_train=2000, n_test=300, vanilla_steps=800, finetune_steps=300, caption_rate=0.7)
     out.mkdir()
     (out / "world.json").write_text(json.dumps(world))
-    r = subprocess.run([sys.executable, "toy.py", "--out", str(out), "--data", str(data), "--remark-rate", "0.1"],
+    r = subprocess.run([sys.executable, "toy.py", "--out", str(out), "--data", str(data), "--caption-rate", "0.5"],
                        cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
-    assert r.returncode != 0 and "another toy world" in r.stderr and "'remark_rate': 0.1" in r.stderr
+    assert r.returncode != 0 and "another toy world" in r.stderr and "'caption_rate': 0.5" in r.stderr
     assert not data.exists() and json.loads((out / "world.json").read_text()) == world
 
 # ---- train.py --------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The toy world: coloured patterns on 32 px images. Image-heavy questions ask which pattern is shown
-(the image decides), text-heavy questions ask the colour the text gives a pattern (the text decides;
-the image is random pixels), VQA questions ask the colour of the pattern shown (the image decides),
-some after a remark on another pattern, worded as text-heavy questions state their colour.
-Deterministic from a seed; train and test share no ids; writes vocab.txt for a word-level tokenizer.
+(the image decides). Text-heavy questions come in the paper's two kinds, shown with random pixels:
+half state the colour they ask, as OpenBookQA gives its fact ("The stripes are red . What color are the
+stripes ?"), half ask what the model knows, as MMLU does ("What color are the lemons ?": every thing
+has one colour, learnt from the training data and asked again in test). VQA questions ask the colour
+of the pattern shown (the image decides). Deterministic from a seed; train and test share no ids;
+writes vocab.txt for a word-level tokenizer.
   python data/toy/prepare.py [--out data/toy --n-train 2000 --n-test 300 --seed 0]
 """
 import argparse
@@ -23,6 +25,18 @@ import perturb  # noqa: E402  (the project root: UF/MD wordings, which the vocab
 SHAPES = ["stripes", "columns", "checks", "dots"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
 SIZE = 32
+# What the model knows: the colour of 60 things. Asked in the words of a VQA question, these are the
+# text questions that RI and FB disturb in the vanilla model, which never saw one beside a real picture:
+# what it learnt from VQA (read the colour off the image) then speaks up. Stated colours are copied and
+# rarely move.
+KNOWN = {"red": "tomatoes strawberries cherries rubies lobsters ladybugs bricks raspberries roses radishes "
+                "cranberries chillies poppies cardinals embers".split(),
+         "green": "leaves frogs limes cucumbers emeralds peas lettuces ferns pickles olives kiwis avocados "
+                  "caterpillars cacti clovers".split(),
+         "blue": "skies seas sapphires blueberries oceans jeans bluebirds lagoons cornflowers glaciers bluebells "
+                 "lakes jays whales veins".split(),
+         "yellow": "bananas lemons suns yolks canaries daffodils sunflowers chicks dandelions taxis buttercups "
+                   "mustards cheeses pineapples lemonades".split()}
 
 
 def draw(shape, color, rng):
@@ -46,14 +60,10 @@ def draw(shape, color, rng):
     return im
 
 
-def make(split, n, rng, out, caption_rate, true_caption, remark_rate):
+def make(split, n, rng, out, caption_rate, true_caption):
     """n samples of each task. Train image questions sometimes carry a caption in the wordings MD
     uses for training; as in real instruction data, the caption is (almost) always true, so a model
-    trained the vanilla way learns to trust it. Some VQA questions follow a remark on another pattern
-    ("The dots are red ."), as real ones follow context about other things: the words then no longer
-    tell VQA from text-heavy questions unless one binds the remark's pattern to the asked one, and the
-    vanilla model takes the easier cue, the kind of image (random pixels: copy the text; a picture:
-    read it), which RI, FB and FW then break."""
+    trained the vanilla way learns to trust it."""
     os.makedirs(os.path.join(out, "images", split), exist_ok=True)
     colors, rows = list(COLORS), []
     for i in range(n):
@@ -66,16 +76,17 @@ def make(split, n, rng, out, caption_rate, true_caption, remark_rate):
             question = rng.choice(perturb.md_templates("train")).format(wrong=said) + " " + question
         rows.append(dict(id=f"toy-{split}-img-{i:05d}", task="image_heavy", image=image, question=question,
                          options=SHAPES, answer=SHAPES.index(shape), source="toy-shapes"))
-        thing, said = rng.choice(SHAPES), rng.choice(colors)  # the question ends exactly like a VQA one
-        rows.append(dict(id=f"toy-{split}-txt-{i:05d}", task="text_heavy", image=None,
-                         question=f"The {thing} are {said} . What color are the {thing} ?", options=colors,
-                         answer=colors.index(said), source="toy-things"))
-        question = f"What color are the {shape} ?"
-        if remark_rate and rng.random() < remark_rate:  # 0 draws nothing: the default world is unchanged
-            other = rng.choice([s for s in SHAPES if s != shape])
-            question = f"The {other} are {rng.choice(colors)} . " + question
-        rows.append(dict(id=f"toy-{split}-vqa-{i:05d}", task="vqa", image=image, question=question,
-                         options=colors, answer=colors.index(color), source="toy-colors"))
+        said = rng.choice(colors)  # both kinds end exactly like a VQA question
+        if rng.random() < 0.5:
+            thing = rng.choice(SHAPES)
+            question, source = f"The {thing} are {said} . What color are the {thing} ?", "toy-stated"
+        else:
+            question, source = f"What color are the {rng.choice(KNOWN[said])} ?", "toy-known"
+        rows.append(dict(id=f"toy-{split}-txt-{i:05d}", task="text_heavy", image=None, question=question,
+                         options=colors, answer=colors.index(said), source=source))
+        rows.append(dict(id=f"toy-{split}-vqa-{i:05d}", task="vqa", image=image,
+                         question=f"What color are the {shape} ?", options=colors, answer=colors.index(color),
+                         source="toy-colors"))
     with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
@@ -85,6 +96,7 @@ def vocabulary(rows):
     """Every word the model can meet: the data, the prompt, and both pools of UF facts and MD wordings."""
     texts = [perturb.render(r) for r in rows] + perturb.unrelated_facts("train") + perturb.unrelated_facts("eval")
     texts += perturb.md_templates("train") + perturb.md_templates("eval") + SHAPES + list(COLORS)
+    texts += [t for things in KNOWN.values() for t in things]
     words = set()
     for t in texts:
         words.update(re.findall(r"\w+|[^\w\s]", t))
@@ -97,16 +109,12 @@ def main(argv=None):
     p.add_argument("--n-train", type=int, default=2000, help="samples per task in train")
     p.add_argument("--n-test", type=int, default=300, help="samples per task in test")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--caption-rate", type=float, default=0.7, help="share of train image questions with a caption")
+    p.add_argument("--caption-rate", type=float, default=0.8, help="share of train image questions with a caption")
     p.add_argument("--true-caption", type=float, default=1.0, help="how often a train caption is true")
-    p.add_argument("--remark-rate", type=float, default=0.0, help="share of VQA questions after a remark "
-                   "on another pattern (train and test); 0.1 makes RI/FB fool the vanilla model, but costs VQA after ours "
-                   "and, at some seeds, the vanilla model's trust in captions (work in progress, README)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
-    train = make("train", args.n_train, rng, args.out, args.caption_rate, args.true_caption, args.remark_rate)
-    # clean test image questions (MD brings the lie); VQA questions keep their remarks
-    test = make("test", args.n_test, rng, args.out, 0.0, 1.0, args.remark_rate)
+    train = make("train", args.n_train, rng, args.out, args.caption_rate, args.true_caption)
+    test = make("test", args.n_test, rng, args.out, 0.0, 1.0)  # clean image questions: MD brings the lie
     words = vocabulary(train + test)
     with open(os.path.join(args.out, "vocab.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(words) + "\n")
