@@ -796,7 +796,6 @@ def test_the_toy_world_shows_interference_and_its_mitigation(tmp_path):
         assert all(summary[source]["orig"]["acc"] > 0.5 for source in summary)  # chance is 0.25
 
 
-
 def test_toy_stops_rather_than_reuse_models_of_another_world(tmp_path):
     """toy.py reuses the models under --out; ones trained on another world (here: fewer captions) would
     give that world's numbers under this one's name, so it stops before touching anything."""

@@ -119,9 +119,11 @@ def same_world(out):
     with open(os.path.join(HERE, "data", "toy", "prepare.py"), "rb") as f:  # an edited world is another world
         world.update(prepare=hashlib.sha256(f.read()).hexdigest()[:12], model=MODEL, vanilla=VANILLA, finetune=FINETUNE)
     path = os.path.join(out, "world.json")
-    if os.path.exists(path) and json.load(open(path)) != world:
-        sys.exit(f"{out} holds models of another toy world {json.load(open(path))}, not {world}: "
-                 f"pass another --out or delete it")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != world:
+            sys.exit(f"{out} holds models of another toy world {saved}, not {world}: pass another --out or delete it")
     os.makedirs(out, exist_ok=True)
     with open(path, "w") as f:
         json.dump(world, f)
