@@ -1,0 +1,292 @@
+"""Tests of train.py (every preset, export, FSDP2 over two processes, exact resume) and of bench.py's
+profile and memory plan, on tiny random-init models of the three families and a few toy samples.
+Run all tests: python -m pytest -q test_*.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import model as M
+import perturb
+from perturb import APPLIES, DataError
+
+FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
+
+
+# ---- train.py --------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PRESET_TERMS = {"fft-vqa": (False, False), "fft-aug": (False, False), "kl": (False, True), "js": (False, True),
+                "rg": (True, False), "pgd": (True, False), "ours": (True, True)}  # (adversarial, consistency)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """2 image-heavy, 2 text-heavy and 4 VQA toy samples (one global batch of 8 at the default ratios),
+    and tiny models of each family that know the toy words."""
+    root = tmp_path_factory.mktemp("toy")
+    subprocess.run([sys.executable, "data/toy/prepare.py", "--n-train", "4", "--n-test", "1", "--out", str(root)],
+                   check=True, cwd=HERE, capture_output=True)
+    rows = [json.loads(line) for line in open(root / "train.jsonl")]
+    keep = [r for t, n in (("image_heavy", 2), ("text_heavy", 2), ("vqa", 4)) for r in
+            [r for r in rows if r["task"] == t][:n]]
+    (root / "mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    words = (root / "vocab.txt").read_text().split()
+    models = {fam: M.make_tiny(fam, str(root / fam), words) for fam in FAMILIES}
+    return str(root / "mini.jsonl"), models
+
+
+def _train(argv, monkeypatch):
+    """Runs train.py in this process (a process group of one) and returns its globals."""
+    import runpy
+    env = dict(os.environ)
+    monkeypatch.setattr(sys, "argv", ["train.py"] + argv)
+    try:
+        return runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+    finally:
+        if torch.distributed.is_initialized():  # a run stopped by an error leaves its group behind
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def _metrics(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+
+
+def _weights(folder):
+    """The parameters of a saved folder as plain transformers loads them."""
+    return dict(transformers.AutoModelForImageTextToText.from_pretrained(folder).named_parameters())
+
+
+@pytest.mark.parametrize("preset", list(PRESET_TERMS) + ["vanilla"])
+def test_each_preset_trains_only_what_it_should(toy, tmp_path, monkeypatch, preset):
+    data, models = toy
+    out = str(tmp_path / preset)
+    _train(["--model", models["llava"], "--data", data, "--out", out, "--preset", preset, "--lr", "1e-3",
+            "--eps", "0.05"] + ([] if preset == "vanilla" else ["--max-steps", "2"]), monkeypatch)
+    before, after = _weights(models["llava"]), _weights(out)
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if k.startswith("model.vision_tower.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # the vision tower never changes
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    if preset == "vanilla":
+        assert not changed and not _metrics(out)  # no training: the base model, exported for evaluation
+        return
+    assert any(k.startswith("model.multi_modal_projector.") for k in changed)
+    assert any(k.startswith("model.language_model.layers.") for k in changed)
+    adversarial, consistent = PRESET_TERMS[preset]
+    for row in _metrics(out):
+        assert (row["adv"] > 0) == adversarial and (row["cons"] > 0) == consistent and row["sft"] > 0
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_the_output_folder_is_the_trained_model_for_plain_transformers(toy, tmp_path, monkeypatch, fam):
+    data, models = toy
+    out = str(tmp_path / fam)
+    g = _train(["--model", models[fam], "--data", data, "--out", out, "--max-steps", "2", "--lr", "1e-3"], monkeypatch)
+    trained = g["full"]  # the weights the training process held at the end, gathered from its shards
+    plain = transformers.AutoModelForImageTextToText.from_pretrained(out).eval()
+    state = plain.state_dict()
+    assert set(state) <= set(trained) and all(torch.equal(state[k], trained[k]) for k in state)
+    base, processor = M.load(models[fam])
+    base.load_state_dict(trained)
+    batch = M.collate(processor, [perturb.perturb(s, "orig", 0, size=M.image_size(processor))
+                                  for s in perturb.load_samples(data)])
+    with torch.no_grad():
+        assert torch.equal(plain(**M.model_inputs(batch)).logits, base.eval()(**M.model_inputs(batch)).logits)
+    frozen = M.FAMILIES[fam]["frozen"]
+    original = dict(M.load(models[fam])[0].named_parameters())
+    assert all(torch.equal(q, original[n]) for n, q in plain.named_parameters() if n.startswith(frozen))
+    if fam == "instructblip":
+        assert any(n.startswith("qformer.") for n, _ in plain.named_parameters())
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_two_processes_train_like_one_and_the_loss_falls(toy, tmp_path, fam):
+    """Rank 1 starts on the meta device and receives its shards and buffers from rank 0."""
+    data, models = toy
+    common = ["train.py", "--model", models[fam], "--data", data, "--max-steps", "6", "--lr", "2e-3",
+              "--warmup", "0", "--eps", "0.05", "--out"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable] + common + [str(tmp_path / "one"), "--batch-size", "8"], check=True, cwd=HERE,
+                   env=env, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29533 + list(FAMILIES).index(fam))]
+                         + common + [str(tmp_path / "two"), "--batch-size", "4"], cwd=HERE, env=env,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-5000:]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        for k in ("loss", "sft", "adv", "cons", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+    assert one[-1]["sft"] < one[0]["sft"] and one[-1]["loss"] < one[0]["loss"]
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_a_killed_run_resumes_with_the_same_losses(toy, tmp_path):
+    import signal
+    import time
+    data, models = toy
+    argv = [sys.executable, "train.py", "--model", models["llava"], "--data", data, "--max-steps", "30",
+            "--save-every", "3", "--lr", "1e-3", "--eps", "0.05", "--out"]
+    subprocess.run(argv + [str(tmp_path / "whole")], check=True, cwd=HERE, capture_output=True)
+    run = subprocess.Popen(argv + [str(tmp_path / "cut")], cwd=HERE, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    while not (tmp_path / "cut" / "ckpt-00000006").exists() and run.poll() is None:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not (tmp_path / "cut" / "model.safetensors").exists()  # it really died before the end
+    subprocess.run(argv + [str(tmp_path / "cut"), "--resume"], check=True, cwd=HERE, capture_output=True)
+    whole, cut = _metrics(tmp_path / "whole"), _metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(30))
+    for a, b in zip(whole, cut):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["lr"] == b["lr"]
+    w1, w2 = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    again = subprocess.run(argv + [str(tmp_path / "cut")], cwd=HERE, capture_output=True, text=True)
+    assert again.returncode == 1 and "pass --resume" in again.stderr  # a fresh run never deletes checkpoints
+    assert (tmp_path / "cut" / "ckpt-00000030").exists()
+
+
+def test_bad_training_data_fails_before_training_naming_the_line(toy, tmp_path):
+    data, models = toy
+    lines = open(data).read().splitlines()
+    lines[2] = lines[2].replace('"answer": ', '"answer": 9, "x": ')
+    bad = os.path.join(os.path.dirname(data), "bad.jsonl")  # beside the images it refers to
+    open(bad, "w").write("\n".join(lines) + "\n")
+    res = subprocess.run([sys.executable, "train.py", "--model", models["llava"], "--data", bad, "--out",
+                          str(tmp_path / "out")], cwd=HERE, capture_output=True, text=True)
+    assert res.returncode != 0 and f"error: {bad}:3: answer 9 is not among" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_non_finite_losses_skip_steps_and_then_stop(toy, tmp_path, monkeypatch):
+    data, models = toy
+    out = str(tmp_path / "nan")
+    with pytest.raises(SystemExit, match="2 non-finite losses in a row"):
+        _train(["--model", models["llava"], "--data", data, "--out", out, "--max-steps", "6", "--lr", "1e30",
+                "--warmup", "0", "--max-bad-steps", "2"], monkeypatch)
+    rows = _metrics(out)
+    assert len(rows) >= 1 and all(math.isfinite(r["loss"]) for r in rows)
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_accumulation_and_activation_checkpointing_leave_the_step_unchanged(toy, tmp_path, monkeypatch):
+    data, models = toy
+    common = ["--model", models["llava"], "--data", data, "--max-steps", "3", "--lr", "1e-3", "--eps", "0.05"]
+    _train(common + ["--out", str(tmp_path / "plain")], monkeypatch)
+    _train(common + ["--out", str(tmp_path / "accum"), "--batch-size", "4", "--grad-accum", "2"], monkeypatch)
+    g = _train(common + ["--out", str(tmp_path / "ckpt"), "--activation-checkpointing"], monkeypatch)
+    assert g["hf_model"].is_activation_checkpointing
+    plain = _metrics(tmp_path / "plain")
+    for other in ("accum", "ckpt"):
+        for a, b in zip(plain, _metrics(tmp_path / other)):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                       rel=1e-4)
+
+
+# ---- bench.py: profile, compute floor, memory plan (what it measures is never asserted as a time) -------
+
+def test_profile_times_every_phase_without_changing_the_step(toy, tmp_path, monkeypatch):
+    data, models = toy
+    common = ["--model", models["llava"], "--data", data, "--max-steps", "2", "--lr", "1e-3", "--eps", "0.05",
+              "--pgd-steps", "3", "--save-every", "0", "--no-export"]
+    _train(common + ["--out", str(tmp_path / "plain")], monkeypatch)
+    _train(common + ["--out", str(tmp_path / "profiled"), "--profile"], monkeypatch)
+    plain, profiled = _metrics(tmp_path / "plain"), _metrics(tmp_path / "profiled")
+    for a, b in zip(plain, profiled):
+        assert a["loss"] == b["loss"] and a["tokens"] == b["tokens"] > 0 and "phases" not in a
+    for m in profiled:
+        assert set(m["phases"]) == {"data", "embed", "noise", "pgd1", "pgd2", "pgd3", "forward", "backward",
+                                    "optimizer"} and all(v > 0 for v in m["phases"].values())
+        assert m["peak_mem"] > 2**20
+    assert sum(profiled[0]["phases"].values()) <= profiled[0]["time"]  # laps partition the step
+    assert os.listdir(tmp_path / "profiled") == ["metrics.jsonl"]  # --save-every 0 --no-export: nothing else
+    mini = [json.loads(line) for line in open(data)]  # 4 image/text originals + 4 twins + 4 VQA rows
+    _, processor = M.load(models["llava"])
+    rows = [perturb.perturb(s, "orig", 0, size=M.image_size(processor)) for s in perturb.load_samples(data)]
+    originals = int(M.collate(processor, rows, train=True)["attention_mask"].sum())
+    assert len(mini) == 8 and profiled[0]["tokens"] > originals  # the twins' tokens count too
+
+
+def test_the_compute_floor_counts_row_passes():
+    import bench
+    # fft-aug at the paper's mix: B originals + B/2 twins, forward 1 + backward 2 per row = 4.5 B
+    assert bench.floor("fft-aug", 2) == 1.0 and bench.floor("js", 2) == bench.floor("kl", 2) == 1.0
+    assert bench.floor("fft-vqa", 2) == pytest.approx(3 / 4.5)  # B VQA rows, no twins
+    assert bench.floor("rg", 2) == pytest.approx((4.5 + 3 * 1.0) / 4.5)  # + one pass over the B perturbed rows
+    # + T PGD steps over those B rows, forward 1 + backward w.r.t. delta 1
+    assert bench.floor("ours", 2) == bench.floor("pgd", 2) == pytest.approx((4.5 + 3 + 2 * 2) / 4.5)
+    assert bench.floor("ours", 3) - bench.floor("ours", 2) == pytest.approx(2 / 4.5)
+
+
+def test_the_memory_plan_is_the_published_architecture_sharded_as_fsdp2_does():
+    import bench
+    world = 4
+    r = bench.plan("llava-1.5-7b", world, rows=20, length=700)
+    assert r["total"] == 7_063_427_072  # llava-hf/llava-1.5-7b-hf's parameter count
+    config, _ = M.make_parts("llava", (), **bench.ARCHS["llava-1.5-7b"])
+    with torch.device("meta"):
+        m = transformers.LlavaForConditionalGeneration(config)
+    # FSDP2 splits every tensor on dim 0 into world chunks; rank 0 holds the first (largest) one
+    shard = {n: -(-q.shape[0] // world) * q[0].numel() for n, q in m.named_parameters()}
+    trained = [n for n in shard if not n.startswith("model.vision_tower.")]
+    assert r["params"] == 4 * sum(shard.values()) and r["grads"] == 4 * sum(shard[n] for n in trained)
+    assert r["adam"] == 2 * r["grads"]
+    embed = m.model.language_model.embed_tokens.weight.numel()
+    assert r["unit"] > 2 * embed  # the root unit: embedding table + lm head (+ projector) in bf16
+    assert bench.plan("llava-1.5-13b", 8, 20, 700)["total"] == pytest.approx(13.35e9, rel=1e-3)
+
+
+def test_bench_times_each_preset_on_the_same_batches(tmp_path, capsys):
+    import bench
+    bench.main(["--arch", "tiny", "--presets", "fft-aug", "ours", "--extra-pgd-steps", "1", "3", "--steps", "1",
+                "--out", str(tmp_path), "--plan"])
+    results = json.load(open(tmp_path / "speed-tiny.json"))
+    assert list(results) == ["fft-aug", "ours", "ours T=1", "ours T=3"]
+    assert [results[k]["floor"] for k in results] == [bench.floor("fft-aug", 2), bench.floor("ours", 2),
+                                                      bench.floor("ours", 1), bench.floor("ours", 3)]
+    assert not any(k.startswith("pgd") and v for k, v in results["fft-aug"]["phases"].items())
+    assert results["ours T=3"]["phases"]["pgd3"] > 0 and results["ours"]["phases"]["pgd3"] == 0
+    tokens = {k: r["tokens"] * r["step"] for k, r in results.items()}  # the same batches: the same tokens
+    assert len({round(t) for t in tokens.values()}) == 1
+    out = capsys.readouterr().out
+    assert "| fft-aug |" in out and "| 1.00 | 1.00 |" in out and "each extra PGD step" in out
+
+
+def test_instruction_samples_train_on_their_reply_and_are_never_scored(toy, tmp_path, monkeypatch):
+    import evaluate
+    data, models = toy
+    rows = [json.loads(line) for line in open(data)]
+    image = next(r["image"] for r in rows if r["image"])
+    free = [dict(id=f"chat-{i}", task="vqa", image=image, question="What is in the image ?", options=None,
+                 answer="the dots are red", source="chat") for i in range(4)]
+    path = os.path.join(os.path.dirname(data), "chat.jsonl")  # beside the toy images
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows + free)
+    samples = perturb.load_samples(path)
+    m, p = M.load(models["llava"])
+    batch = M.collate(p, [samples[-1]])
+    answer = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert p.tokenizer.convert_ids_to_tokens(answer) == ["the", "dots", "are", "red", "</s>"]
+    assert perturb.render(samples[-1]) == "What is in the image ?"
+    jobs, _ = evaluate.load_data([path], list(APPLIES))
+    assert len(jobs) > 0 and not any(s["source"] == "chat" for s, _ in jobs)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(free[0], task="text_heavy", image=None)) + "\n")
+    with pytest.raises(DataError, match=f"{bad}:1: options null needs task vqa"):
+        perturb.load_samples(str(bad))
+    out = str(tmp_path / "run")
+    _train(["--model", models["llava"], "--data", path, "--out", out, "--max-steps", "2", "--ratio-image", "0",
+            "--ratio-text", "0"], monkeypatch)
+    assert len(_metrics(out)) == 2 and all(r["sft"] > 0 for r in _metrics(out))
