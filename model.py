@@ -24,21 +24,67 @@ ALIASES = {
 
 SYSTEM_QWEN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
+
+class QwenImageProcessor(transformers.Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without its video half: transformers' video processors need torchvision,
+    which has no build matching CPU torch here (SPEC section 6). Images are handled by the real code."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+
+class InstructBlipImageProcessor(transformers.InstructBlipProcessor):
+    """InstructBLIP's image processor built from the parts a checkpoint has (tokenizer, qformer_tokenizer/,
+    image processor, num_query_tokens), whatever its processor_config.json names: the published ones name
+    InstructBlipVideoProcessor, which needs torchvision and has no `image_processor`."""
+
+    # The Q-Former reads its own copy of the instruction, through BERT's 512 learned positions (a longer one
+    # crashes it). The authors' LAVIS code cuts that copy to max_txt_len=128 tokens, from the left (the
+    # qformer tokenizer's truncation_side), so the Q-Former was instruction-tuned on nothing longer; we do
+    # the same. The language model still gets the whole prompt.
+    qformer_max_length = 128
+
+    def __call__(self, images=None, text=None, **kwargs):
+        enc = super().__call__(images=images, text=text, **kwargs)
+        if text is not None:
+            q = self.qformer_tokenizer(text, truncation=True, max_length=self.qformer_max_length,
+                                       padding=kwargs.get("padding", False), return_tensors=kwargs.get("return_tensors"))
+            enc["qformer_input_ids"], enc["qformer_attention_mask"] = q["input_ids"], q["attention_mask"]
+        return enc
+
+    def save_pretrained(self, save_directory, **kwargs):
+        # saved as the plain InstructBlipProcessor, which AutoProcessor knows (this class only adds the truncation)
+        plain = transformers.InstructBlipProcessor(self.image_processor, self.tokenizer, self.qformer_tokenizer,
+                                                   num_query_tokens=self.num_query_tokens)
+        return plain.save_pretrained(save_directory, **kwargs)
+
+
+def keep_legacy(processor):
+    """transformers 5's LlamaTokenizer takes `legacy` (true in InstructBLIP's Vicuna tokenizer: text after a
+    special token starts a new word, with its "▁") but leaves it out of init_kwargs, so save_pretrained drops
+    it and the export tokenizes differently. Record it where saving looks."""
+    for tok in (processor.tokenizer, getattr(processor, "qformer_tokenizer", None)):
+        if hasattr(tok, "legacy"):
+            tok.init_kwargs["legacy"] = tok.legacy
+    return processor
+
+
 # Everything that differs between families. `prompt` wraps perturb.render(sample); `answer` is the
 # text the model is trained to emit after it (a letter; the end-of-sequence token is appended).
 # `frozen`: parameter-name prefixes kept fixed (vision encoder; InstructBLIP also its Q-Former).
 # `lm_keys`: batch entries the language path needs besides inputs_embeds; Qwen2.5-VL needs
 # input_ids, image_grid_thw and mm_token_type_ids so that its M-RoPE positions are recomputed
 # (with inputs_embeds alone it silently reuses stale rope_deltas from the previous call).
+# `processor`: the class load() builds from a checkpoint's parts, whatever its processor_config.json says.
 FAMILIES = {
     "llava": dict(
-        cls=transformers.LlavaForConditionalGeneration,
+        cls=transformers.LlavaForConditionalGeneration, processor=transformers.LlavaProcessor,
         prompt="USER: <image>\n{} ASSISTANT:", answer=" {}",
         frozen=("model.vision_tower.",),
         image_keys=("pixel_values",), lm_keys=("attention_mask",), lm=None,
         image_size=lambda ip: ip.crop_size["height"]),
     "qwen2.5-vl": dict(
-        cls=transformers.Qwen2_5_VLForConditionalGeneration,
+        cls=transformers.Qwen2_5_VLForConditionalGeneration, processor=QwenImageProcessor,
         prompt=SYSTEM_QWEN + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
         "<|im_start|>assistant\n", answer="{}",
         frozen=("model.visual.patch_embed.", "model.visual.blocks."),  # the merger is the projector
@@ -47,7 +93,7 @@ FAMILIES = {
         # dynamic resolution: a square of at most 448 px (256 tokens), within the processor's pixel budget
         image_size=lambda ip: min(448, 28 * int(math.sqrt(ip.size["longest_edge"]) // 28))),
     "instructblip": dict(
-        cls=transformers.InstructBlipForConditionalGeneration,
+        cls=transformers.InstructBlipForConditionalGeneration, processor=InstructBlipImageProcessor,
         prompt="{}", answer=" {}",
         frozen=("vision_model.", "qformer.", "query_tokens"),
         image_keys=("pixel_values", "qformer_input_ids", "qformer_attention_mask"),
@@ -60,25 +106,6 @@ SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "qformer_in
 
 def family(model_or_processor):
     return getattr(model_or_processor, "family", None) or MODEL_TYPES[model_or_processor.config.model_type]
-
-
-class QwenImageProcessor(transformers.Qwen2_5_VLProcessor):
-    """Qwen2.5-VL's processor without its video half: transformers' video processors need torchvision,
-    which has no build matching CPU torch here (SPEC section 6). Images are handled by the real code."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
-
-
-def load_processor(path, fam):
-    try:
-        return transformers.AutoProcessor.from_pretrained(path)
-    except (AttributeError, ImportError, ValueError, TypeError):
-        if fam != "qwen2.5-vl":
-            raise
-        tok = transformers.AutoTokenizer.from_pretrained(path)
-        ip = transformers.AutoImageProcessor.from_pretrained(path)
-        return QwenImageProcessor(image_processor=ip, tokenizer=tok)
 
 
 def load(name_or_path, dtype=None, device=None, trust_remote_code=False, meta=False):
@@ -94,7 +121,7 @@ def load(name_or_path, dtype=None, device=None, trust_remote_code=False, meta=Fa
             model = FAMILIES[fam]["cls"]._from_config(config, dtype=dtype)
     else:
         model = FAMILIES[fam]["cls"].from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    processor = load_processor(path, fam)
+    processor = keep_legacy(FAMILIES[fam]["processor"].from_pretrained(path))
     model.family = processor.family = fam
     return model.to(device) if device is not None else model, processor
 

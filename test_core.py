@@ -284,18 +284,36 @@ def test_md_never_names_the_answer():
 def test_md_never_names_the_answer_with_facts():
     facts = {"1": "A loyal dog wagging its tail.", "2": "A bowl of cat food.", "3": "Two cats next to a rabbit."}
     s = _sample(facts=facts)
-    descs = set()
-    for seed in range(200):
+    for seed in range(200):  # option 1 has the only description that does not name "cat"
         out = perturb.perturb(s, "md", seed)
         desc = out["question"][: -len(s["question"]) - 1]
         assert not _names(desc, "cat") and not _names(desc, "cats"), desc
-        assert out["md_option"] in (1, 3)
-        if out["md_option"] == 1:
-            assert desc == facts["1"]
-        else:
-            assert desc in [t.format(wrong="rabbit") for t in perturb.md_templates("eval")]
-        descs.add(desc)
-    assert facts["1"] in descs and len(descs) > 2
+        assert out["md_option"] == 1 and desc == facts["1"]
+    s = _sample(facts={"2": facts["2"], "3": facts["3"]})  # no usable description: templates
+    for seed in range(50):
+        out = perturb.perturb(s, "md", seed)
+        desc = out["question"][: -len(s["question"]) - 1]
+        assert desc in [t.format(wrong=s["options"][out["md_option"]]) for t in perturb.md_templates("eval")]
+        assert out["md_option"] in (1, 3) and not _names(desc, "cat") and not _names(desc, "cats"), desc
+
+
+def test_md_uses_the_one_prewritten_description_for_every_seed():
+    s = _sample(options=["cat", "dog", "bird", "fish"], facts={"2": "A small bird sings on a branch."})
+    for seed in range(200):
+        out = perturb.perturb(s, "md", seed)
+        assert out["question"] == "A small bird sings on a branch. Which one is it?" and out["md_option"] == 2
+
+
+def test_md_draws_among_the_wrong_options_with_descriptions_deterministically():
+    facts = {"1": "A dog sleeps on the sofa.", "3": "A goldfish swims in a bowl."}
+    s = _sample(options=["cat", "dog", "bird", "fish"], facts=facts)
+    used = set()
+    for seed in range(200):
+        out = perturb.perturb(s, "md", random.Random(seed))
+        assert out["question"] == facts[str(out["md_option"])] + " Which one is it?"
+        assert out == perturb.perturb(s, "md", random.Random(seed))
+        used.add(out["md_option"])
+    assert used == {1, 3}
 
 
 def test_md_uses_the_facts_text_when_present():
@@ -554,7 +572,8 @@ def test_tiny_checkpoint_loads_with_plain_transformers(tiny, fam):
     with torch.no_grad():
         assert torch.equal(plain(**M.model_inputs(batch)).logits, m(**M.model_inputs(batch)).logits)
     if fam != "qwen2.5-vl":  # a Qwen processor needs torchvision (SPEC section 6)
-        assert type(transformers.AutoProcessor.from_pretrained(folder)) is type(p)
+        plain_processor = transformers.AutoProcessor.from_pretrained(folder)  # ours may add to it (InstructBLIP)
+        assert isinstance(p, type(plain_processor)) and type(plain_processor).__module__.startswith("transformers")
 
 
 def test_pgd_on_a_tiny_model_raises_the_loss_and_leaves_parameter_grads(tiny):
@@ -708,6 +727,44 @@ def test_diagnose_numbers_equal_an_independent_computation(tmp_path):
     assert diagnose.worst(cls) == ("md", 0.0) and diagnose.worst(qa) == ("fb", 0.5)
     table = diagnose.table(got)
     assert "| cls | md | 3 | 0.0 | 0.667 |" in table and "worst (md)" in table
+
+
+def test_evaluate_copies_question_id_into_predictions(tiny, tmp_path):
+    import evaluate
+    m, p, folder = tiny("llava")
+    data = _write_dataset(str(tmp_path / "data"), n=2)
+    rows = [json.loads(line) for line in open(data)]
+    for r in rows:
+        if r["task"] == "vqa":
+            r["question_id"] = "q"  # both VQA samples: two passes of one question
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    out = evaluate.run(folder, [data], str(tmp_path / "out"), batch_size=4, loaded=(m, p))
+    assert [r.get("question_id") for r in out if r["source"] == "vqa"] == ["q", "q"]
+    assert all("question_id" not in r for r in out if r["source"] != "vqa")
+    assert _read_jsonl(tmp_path / "out" / "predictions.jsonl") == out
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_diagnose_circular_accuracy_needs_every_pass_of_a_question_right(tmp_path):
+    import diagnose
+    passes = [("q0", "p0", 1, 1), ("q0", "p1", 0, 0), ("q0", "p2", 2, 2),   # all right
+              ("q1", "p3", 0, 0), ("q1", "p4", 1, 0),                        # one pass wrong
+              ("q2", "p5", 1, 1)]                                            # one pass, right
+    rows = [dict(_pred(pid, "vqa", "mmbench", "orig", [0.8 if j == pred else 0.1 for j in range(3)], pred, ans),
+                 question_id=qid) for qid, pid, pred, ans in passes]
+    rows += _handmade()
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = diagnose.diagnose(str(path), n_boot=50)
+    assert got["mmbench"]["orig"]["acc"] == pytest.approx(5 / 6)
+    assert got["mmbench"]["orig"]["circular_acc"] == pytest.approx(2 / 3)  # q0 and q2 of q0, q1, q2
+    assert "circular_acc" not in got["cls"]["orig"] and "circular_acc" not in got["qa"]["fb"]
+    assert "| mmbench | orig | 6 | 83.3 | 0.000 | [0.000, 0.000] | 0.000 | 66.7 |" in diagnose.table(got)
 
 
 @pytest.mark.parametrize("edit, line, message", [
