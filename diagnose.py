@@ -1,7 +1,9 @@
 """The paper's causal diagnostic: how often an intervention on the task-irrelevant modality changes the
 answer. delta_cp = mean over samples of [argmax P != argmax P'], P under `orig`, P' under the
 intervention, with a 95% bootstrap interval; also accuracy, mean total variation |P - P'|_TV and the
-worst-perturbation accuracy per source. Writes diagnosis.json beside the predictions (SPEC section 5).
+worst-perturbation accuracy per source; where rows carry a "question_id" (MMBench's CircularEval passes),
+also circular_acc: the share of questions whose every pass is right. Writes diagnosis.json beside the
+predictions (SPEC section 5).
   python diagnose.py out/eval/predictions.jsonl                     # one run
   python diagnose.py out/vanilla/predictions.jsonl out/ours/predictions.jsonl    # two runs side by side
   python diagnose.py --model out/toy/vanilla --data data/toy/test.jsonl --out out/eval   # evaluate first
@@ -42,10 +44,10 @@ def read(path):
                     raise ValueError(f"{where}: {k} {r[k]!r} is not an option index below {len(probs)}")
             if probs[r["pred"]] < max(probs):
                 raise ValueError(f"{where}: pred {r['pred']} is not an argmax of probs")
-            ident = (r["task"], r["source"], r["answer"], len(probs))
+            ident = (r["task"], r["source"], r["answer"], len(probs), r.get("question_id"))
             if first.setdefault(r["id"], (ident, lineno))[0] != ident:
-                raise ValueError(f"{where}: id {r['id']!r} has task/source/answer/options {ident} here but "
-                                 f"{first[r['id']][0]} on line {first[r['id']][1]}")
+                raise ValueError(f"{where}: id {r['id']!r} has task/source/answer/options/question_id {ident} here "
+                                 f"but {first[r['id']][0]} on line {first[r['id']][1]}")
             if (r["id"], name) in seen:
                 raise ValueError(f"{where}: a second {name!r} row for id {r['id']!r}")
             seen.add((r["id"], name))
@@ -67,8 +69,17 @@ def bootstrap_ci(flips, n_boot=1000, seed=0):
     return [float(lo), float(hi)]
 
 
+def circular_acc(cell):
+    """CircularEval: a question is right only if every pass of it (rows sharing a question_id) is right."""
+    right = {}
+    for r in cell.values():
+        q = r.get("question_id", r["id"])
+        right[q] = right.get(q, True) and r["pred"] == r["answer"]
+    return float(np.mean(list(right.values())))
+
+
 def summarize(rows, n_boot=1000, seed=0):
-    """{source: {intervention: {n, acc, delta_cp, ci, tv}}} in intervention order."""
+    """{source: {intervention: {n, acc, delta_cp, ci, tv[, circular_acc]}}} in intervention order."""
     by = {}
     for r in rows:
         by.setdefault(r["source"], {}).setdefault(r["intervention"], {})[r["id"]] = r
@@ -85,6 +96,8 @@ def summarize(rows, n_boot=1000, seed=0):
             out[source][name] = {"n": len(cell), "acc": acc, "delta_cp": float(np.mean(flips)),
                                  "ci": [0.0, 0.0] if name == "orig" else bootstrap_ci(flips, n_boot, seed),
                                  "tv": float(np.mean(tv))}
+            if any("question_id" in r for r in cell.values()):
+                out[source][name]["circular_acc"] = circular_acc(cell)
     return out
 
 
@@ -95,14 +108,17 @@ def worst(cells):
 
 
 def table(summary):
-    lines = ["| source | intervention | n | acc | delta_cp | 95% CI | TV |", "|---|---|---|---|---|---|---|"]
+    circ = any("circular_acc" in c for cells in summary.values() for c in cells.values())
+    lines = ["| source | intervention | n | acc | delta_cp | 95% CI | TV |" + (" circular acc |" if circ else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if circ else "")]
     for source, cells in summary.items():
         for name, c in cells.items():
             lines.append(f"| {source} | {name} | {c['n']} | {100 * c['acc']:.1f} | {c['delta_cp']:.3f} | "
-                         f"[{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] | {c['tv']:.3f} |")
+                         f"[{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] | {c['tv']:.3f} |"
+                         + ((f" {100 * c['circular_acc']:.1f} |" if "circular_acc" in c else " |") if circ else ""))
         name, acc = worst(cells)
         if name:
-            lines.append(f"| {source} | worst ({name}) | | {100 * acc:.1f} | | | |")
+            lines.append(f"| {source} | worst ({name}) | | {100 * acc:.1f} | | | |" + (" |" if circ else ""))
     return "\n".join(lines)
 
 

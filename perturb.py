@@ -9,6 +9,7 @@ import json
 import random
 import re
 import string
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +62,16 @@ def load_samples(path):
 
 
 def write_samples(path, samples, skipped=None):
-    """Write samples as JSONL and say what a converter kept and skipped, and why ({reason: count})."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
+    """Write samples as JSONL and say what a converter kept and skipped, and why ({reason: count}).
+    Keeping nothing stops the converter (exit 1, no file written): an empty split is a wrong --src."""
     skipped = skipped or {}
     why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    print(f"{path}: kept {len(samples)}, skipped {sum(skipped.values())}" + (f": {why}" if why else ""))
+    summary = f"kept {len(samples)}, skipped {sum(skipped.values())}" + (f": {why}" if why else "")
+    if not samples:
+        sys.exit(f"error: {path}: {summary} (nothing to write; check --src and the converter's options)")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    print(f"{path}: {summary}")
 
 
 def _nonempty_str(x):
@@ -234,13 +239,16 @@ def _md(sample, rng, size, pool, ri_images, k):
     rng.shuffle(wrong)
     templates = md_templates(pool)
     rng.shuffle(templates)
+    # a prewritten description beats a template, so the draw is among the wrong options that have a
+    # usable one; any text that names the right option (right "cat", wrong "cat food") would make MD
+    # a hint, not a lie
     facts = sample.get("facts") or {}
     for i in wrong:
-        # a prewritten description is preferred; templates are the fallback, and any text that
-        # names the right option (right "cat", wrong "cat food") would make MD a hint, not a lie
-        texts = [facts[str(i)]] if facts.get(str(i)) else []
-        texts += [t.format(wrong=sample["options"][i]) for t in templates]
-        for text in texts:
+        text = facts.get(str(i))
+        if text and not _mentions(text, right):
+            return _new(sample, question=text + " " + sample["question"], md_option=i)
+    for i in wrong:
+        for text in (t.format(wrong=sample["options"][i]) for t in templates):
             if not _mentions(text, right):
                 return _new(sample, question=text + " " + sample["question"], md_option=i)
     raise ValueError(f"md: every wrong option of sample {sample['id']!r} would name the answer "

@@ -126,7 +126,7 @@ def test_miniimagenet_csv_layout_reports_missing_image_and_folder_names(tmp_path
 
 def test_caltech_ignores_background_and_holds_out_per_class(tmp_path):
     root = tmp_path / "caltech" / "101_ObjectCategories"
-    classes = ["accordion", "car_side", "Faces_easy", "panda", "yin_yang"]
+    classes = ["accordion", "car_side", "Faces", "panda", "yin_yang"]
     for k, cls in enumerate(classes + ["BACKGROUND_Google"]):
         for i in range(1, 7):
             _photo(str(root / cls / f"image_{i:04d}.jpg"), (k * 40, i * 30, 0))
@@ -146,6 +146,47 @@ def test_caltech_ignores_background_and_holds_out_per_class(tmp_path):
     assert sorted(per_class) == sorted(classes * 2)
     test_ids = {r["id"].split("-", 2)[2] for r in _read(tmp_path / "a" / "test.jsonl")}
     assert not test_ids & {r["id"].split("-", 2)[2] for r in _read(tmp_path / "a" / "train.jsonl")}
+
+
+def test_caltech_drops_faces_easy_the_duplicate_of_faces(tmp_path):
+    root = tmp_path / "101_ObjectCategories"
+    for k, cls in enumerate(["BACKGROUND_Google", "Faces", "Faces_easy", "Motorbikes", "water_lilly", "Leopards"]):
+        for i in range(1, 4):
+            _photo(str(root / cls / f"image_{i:04d}.jpg"), (k * 40, i * 60, 0))
+    res = _run("caltech101", "--src", tmp_path, "--out", tmp_path / "out", "--n-train", 100, "--n-test", 4)
+    assert "found 12 images of 4 classes" in res.stdout
+    assert "skipped 3 images of Faces_easy (duplicate of Faces)" in res.stdout
+    rows = _read(tmp_path / "out" / "train.jsonl") + _read(tmp_path / "out" / "test.jsonl")
+    assert len(rows) == 12 and not any("Faces_easy" in r["id"] or "BACKGROUND" in r["id"] for r in rows)
+    assert {o for r in rows for o in r["options"]} == {"Faces", "Motorbikes", "water lilly", "Leopards"}
+
+
+def test_miniimagenet_mmfewshot_layout_finds_the_nth_image_of_each_class_folder(tmp_path):
+    src, wnids = tmp_path / "mini_imagenet", ["n01532829", "n01558993", "n01704323", "n01749939"]
+    for k, wnid in enumerate(wnids):
+        for num in (7, 10, 200):  # numeric order 7, 10, 200; by name 10, 200, 7
+            _photo(str(src / "images" / wnid / f"{wnid}_{num}.JPEG"), (k * 50, num, 0))
+    (src / "images" / wnids[0] / "readme.txt").write_text("not an image")
+    for split, classes in (("train", wnids[:2]), ("val", wnids[2:3]), ("test", wnids[3:])):
+        (src / f"{split}.csv").write_text("filename,label\n" + "".join(
+            f"{w}{n:08d}.jpg,{w}\n" for w in classes for n in (1, 3)))  # the 1st and 3rd image of each class
+    res = _run("miniimagenet", "--src", src, "--out", tmp_path / "out", "--n-train", 6, "--n-test", 2)
+    assert "found 8 images of 4 classes" in res.stdout and "ignored 1 non-image files" in res.stdout
+    assert "train.jsonl: kept 6, skipped 0" in res.stdout and "test.jsonl: kept 2, skipped 0" in res.stdout
+    rows = [r for split in ("train", "test") for r in perturb.load_samples(tmp_path / "out" / f"{split}.jsonl")]
+    assert {r["id"].split("-", 3)[3] for r in rows} == {f"{w}_{n}" for w in wnids for n in (7, 200)}
+    assert all(r["options"][r["answer"]] == r["id"].split("-")[2] for r in rows)
+
+
+def test_a_converter_that_keeps_nothing_exits_naming_the_file_and_why(tmp_path):
+    src = tmp_path / "mini"
+    (src / "images").mkdir(parents=True)  # the csvs are there, the images were never extracted
+    (src / "train.csv").write_text("filename,label\n" + "".join(
+        f"n0{c}{i:08d}.jpg,n0{c}\n" for c in range(4) for i in range(1, 4)))
+    res = _run("miniimagenet", "--src", src, "--out", tmp_path / "out", ok=False)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert f"{tmp_path / 'out' / 'train.jsonl'}: kept 0, skipped 12: 12 missing image" in res.stderr
+    assert "check --src" in res.stderr and not (tmp_path / "out" / "train.jsonl").exists()
 
 
 # ---- text-heavy ----------------------------------------------------------------------------------------
@@ -264,13 +305,24 @@ def test_scienceqa_keeps_image_items_with_hint_context(tmp_path):
     _photo(str(src / "test" / "10" / "image.png"))  # the layout without images/
     res = _run("scienceqa", "--src", src, "--out", tmp_path / "out")
     assert "train.jsonl: kept 1, skipped 1: 1 no image" in res.stdout
-    assert "validation.jsonl: kept 0, skipped 1: 1 missing image" in res.stdout
+    assert "no validation image folder beside problems.json" in res.stdout  # val.zip not extracted: no file
+    assert not (tmp_path / "out" / "validation.jsonl").exists()
     train = perturb.load_samples(tmp_path / "out" / "train.jsonl")
     assert train[0]["id"] == "scienceqa-train-1" and train[0]["task"] == "vqa"
     assert train[0]["question"] == "Context: The picture was taken at a farm.\nWhich animal is shown?"
     assert train[0]["options"] == ["cat", "dog"] and train[0]["answer"] == 0 and train[0]["source"] == "scienceqa"
     test = perturb.load_samples(tmp_path / "out" / "test.jsonl")
     assert test[0]["question"] == "Which animal is shown?" and test[0]["answer"] == 1
+
+
+def test_scienceqa_split_with_its_image_folder_but_no_images_is_an_error(tmp_path):
+    src = tmp_path / "scienceqa"
+    _write_json(str(src / "problems.json"), {"1": _problem("train", "image.png"), "2": _problem("val", "image.png")})
+    _photo(str(src / "images" / "train" / "1" / "image.png"))
+    (src / "images" / "val" / "7").mkdir(parents=True)
+    res = _run("scienceqa", "--src", src, "--out", tmp_path / "out", ok=False)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert f"{tmp_path / 'out' / 'validation.jsonl'}: kept 0, skipped 1: 1 missing image" in res.stderr
 
 
 def test_scienceqa_parquet_layout_decodes_images_and_skips_imageless(tmp_path):
@@ -337,6 +389,50 @@ def test_mmbench_skips_a_test_tsv_without_answers_and_errors_on_answer_without_o
         dict(index="1", question="q", A="a", B="b", answer="C", image=_b64_image((1, 2, 3)))])
     res = _run("mmbench", "--src", dev, "--out", tmp_path / "out", ok=False)
     assert res.returncode != 0 and f"{dev}:3: answer 'C'" in res.stderr
+
+
+def _mmbench_circular(path):
+    """VLMEvalKit's layout: main rows (index < 1e6, base64 image), then pass k of question i at index
+    i + k * 1e6 with the options rotated by k and the image cell holding "i"."""
+    questions = [(0, ["cat", "dog", "cow", "pig"], 2, (0, 0, 255)), (1, ["yes", "no"], 0, (255, 255, 0)),
+                 (7, ["red", "green", "blue"], 1, (0, 255, 0))]
+    rows = []
+    for k in range(4):
+        for i, opts, ans, color in questions:
+            if k >= len(opts):
+                continue
+            rot = opts[k:] + opts[:k]
+            cells = dict(zip("ABCD", rot))
+            rows.append(dict(index=str(i + k * 1_000_000), question=f"Question {i}?", hint="nan", **cells,
+                             answer="ABCD"[rot.index(opts[ans])], split="dev",
+                             image=_b64_image(color) if k == 0 else str(i)))
+    return _mmbench_tsv(path, rows)
+
+
+def test_mmbench_keeps_one_sample_per_question_by_default(tmp_path):
+    path = _mmbench_circular(tmp_path / "MMBench_DEV_EN.tsv")
+    res = _run("mmbench", "--src", path, "--out", tmp_path / "out")
+    assert "kept 3, skipped 6: 6 CircularEval pass" in res.stdout  # 3 + 1 + 2 rotated passes
+    rows = perturb.load_samples(tmp_path / "out" / "test.jsonl")
+    assert [r["id"] for r in rows] == ["mmbench-test-0", "mmbench-test-1", "mmbench-test-7"]
+    assert rows[0]["options"] == ["cat", "dog", "cow", "pig"] and rows[0]["answer"] == 2
+    assert all("question_id" not in r for r in rows)
+
+
+def test_mmbench_circular_keeps_every_pass_with_its_image_and_question_id(tmp_path):
+    path = _mmbench_circular(tmp_path / "MMBench_DEV_EN.tsv")
+    res = _run("mmbench", "--src", path, "--out", tmp_path / "out", "--circular")
+    assert "kept 9, skipped 0" in res.stdout
+    rows = {r["id"]: r for r in perturb.load_samples(tmp_path / "out" / "test.jsonl")}
+    assert len(rows) == 9
+    third = rows["mmbench-test-3000000"]
+    assert third["options"] == ["pig", "cat", "dog", "cow"] and third["options"][third["answer"]] == "cow"
+    assert third["question_id"] == rows["mmbench-test-0"]["question_id"] == "mmbench-0"
+    assert rows["mmbench-test-2000007"]["options"] == ["blue", "red", "green"]
+    assert rows["mmbench-test-2000007"]["answer"] == 2 and rows["mmbench-test-2000007"]["question_id"] == "mmbench-7"
+    assert sorted({r["question_id"] for r in rows.values()}) == ["mmbench-0", "mmbench-1", "mmbench-7"]
+    with Image.open(rows["mmbench-test-1000001"]["image"]) as im:  # the yellow image of main row 1
+        assert im.convert("RGB").getpixel((4, 4))[:2] > (200, 200) and im.convert("RGB").getpixel((4, 4))[2] < 60
 
 
 def _seed_question(qid, data_id, data_type="image", answer="A", type_id=1):
@@ -433,10 +529,12 @@ def test_authors_layout_options_in_letter_order_and_facts_by_index(tmp_path):
          "multiple_choices": {"A": "dog", "B": "cat"}, "multiple_choices_answer": "A", "facts": {"B": "Cats purr."}}])
     _write_json(str(folder / "multiple_choice_data_test.json"), [
         {"id": "e5", "question": "What?", "image": "gone.jpg", "multiple_choices": {"A": "x", "B": "y"},
-         "multiple_choices_answer": "A"}])
+         "multiple_choices_answer": "A"},
+        {"id": "f6", "question": "What?", "image": "image_0002.jpg", "multiple_choices": {"A": "x", "B": "y"},
+         "multiple_choices_answer": "A"}])  # a split that keeps nothing is an error (perturb.write_samples)
     res = _run("authors", "--src", folder, "--task", "image_heavy", "--out", tmp_path / "out")
     assert "train.jsonl: kept 2, skipped 0" in res.stdout
-    assert "test.jsonl: kept 0, skipped 1: 1 missing image" in res.stdout
+    assert "test.jsonl: kept 1, skipped 1: 1 missing image" in res.stdout
     rows = perturb.load_samples(tmp_path / "out" / "train.jsonl")
     assert rows[0]["id"] == "caltech-101-train-a1b2" and rows[0]["source"] == "caltech-101"
     assert rows[0]["options"] == ["dog", "cat", "car", "tree"] and rows[0]["answer"] == 1
@@ -455,4 +553,51 @@ def test_authors_text_heavy_has_null_image_and_bad_answer_errors(tmp_path):
     _write_json(src, [{"question": "q", "multiple_choices": {"A": "3", "B": "4"}, "multiple_choices_answer": "C"}])
     res = _run("authors", "--src", src, "--task", "text_heavy", "--out", tmp_path / "bad", ok=False)
     assert res.returncode != 0 and f"{src}: item 0: multiple_choices_answer 'C'" in res.stderr
+
+
+def test_authors_seedbench_data_id_finds_its_image_and_skips_videos(tmp_path):
+    folder = tmp_path / "SEED-Bench-Img"
+    _photo(str(folder / "images" / "1454_a.jpg"), (250, 0, 0))
+    _photo(str(folder / "2001_b.png"), (0, 250, 0))
+    (folder / "v_clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+
+    def item(data_id, **extra):
+        return {"data_id": data_id, "question": f"What about {data_id}?", "multiple_choices":
+                {"A": "one", "B": "two"}, "multiple_choices_answer": "B", **extra}
+    _write_json(str(folder / "multiple_choice_data.json"), [
+        item("1454_a", data_type="image", facts={"Z": "Not an option."}), item("2001_b"),
+        item("v_clip"), item("v_frames", data_type="video")])
+    res = _run("authors", "--src", folder, "--task", "vqa", "--out", tmp_path / "out")
+    assert "test.jsonl: kept 2, skipped 3: 2 video, 1 facts entry naming no option (its sample kept)" in res.stdout
+    rows = perturb.load_samples(tmp_path / "out" / "test.jsonl")
+    assert [r["id"] for r in rows] == ["SEED-Bench-Img-test-1454_a", "SEED-Bench-Img-test-2001_b"]
+    assert rows[0]["image"].endswith("1454_a.jpg") and rows[1]["image"].endswith("2001_b.png")
+    assert "facts" not in rows[0] and rows[1]["answer"] == 1
+    with Image.open(rows[1]["image"]) as im:
+        assert im.getpixel((0, 0)) == (0, 250, 0)
+
+
+def test_authors_source_train_data_layout_takes_task_from_type(tmp_path):
+    repo = tmp_path / "Modality-Interference-in-MLLMs"  # their paths start at the repo root: data/...
+    _photo(str(repo / "data" / "caltech-101" / "images" / "a.jpg"))
+    _photo(str(repo / "data" / "LLaVa-Instruct-665K" / "coco" / "b.jpg"))
+    fact = "A car has four wheels."
+    src = _write_json(str(repo / "data" / "source_train_data.json"), [
+        {"id": "c1", "type": "image_heavy", "image": "data/caltech-101/images/a.jpg",
+         "question": "Question:\nWhat is this?\nOption:\nA: dog\nB: cat\nC: car\n", "answer": "B",
+         "facts": {"car": fact, "truck": "A truck is big."}},
+        {"id": "m1", "type": "text_heavy", "question": "Question:\n2 + 2 =\nOption:\nA: 3\nB: 4\n", "answer": "B"},
+        {"id": "v1", "type": "VQA", "image": "data/LLaVa-Instruct-665K/coco/b.jpg",
+         "question": "What is in the picture?", "answer": "A dog on grass."}])
+    res = _run("authors", "--src", src, "--out", tmp_path / "out")
+    assert "train.jsonl: kept 3, skipped 1: 1 facts entry naming no option (its sample kept)" in res.stdout
+    rows = perturb.load_samples(tmp_path / "out" / "train.jsonl")
+    assert [(r["id"], r["task"], r["source"]) for r in rows] == [
+        ("source_train_data-train-c1", "image_heavy", "source_train_data"),
+        ("source_train_data-train-m1", "text_heavy", "source_train_data"),
+        ("source_train_data-train-v1", "vqa", "source_train_data")]
+    assert rows[0]["question"] == "What is this?" and rows[0]["options"] == ["dog", "cat", "car"]
+    assert rows[0]["answer"] == 1 and rows[0]["facts"] == {"2": fact}
+    assert rows[1]["image"] is None and rows[1]["options"] == ["3", "4"] and rows[1]["answer"] == 1
+    assert rows[2]["options"] is None and rows[2]["answer"] == "A dog on grass." and rows[2]["image"].endswith("b.jpg")
 

@@ -1,7 +1,8 @@
 """Caltech-101 as image-heavy questions ("What is the main object in the image?", the true class and
 --n-options - 1 other classes, shuffled). Test is stratified: --n-test images spread evenly over the
-101 classes (~10 each); train is a uniform sample of --n-train of the rest (paper: 8124 / 1020).
-BACKGROUND_Google is not a class and is ignored. Deterministic from --seed.
+classes (~10 each); train is a uniform sample of --n-train of the rest (paper: 8124 / 1020). Skipped:
+BACKGROUND_Google (not a class) and Faces_easy (the Faces images again, cropped: a face would get two right
+options; CoOp's Caltech-101 drops it too). Deterministic from --seed.
   python data/caltech101/prepare.py --src PATH [--out data/caltech101 --n-options 4 --seed 0]
 """
 import argparse
@@ -15,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import perturb  # noqa: E402  (the project root: the sample format)
 
 QUESTION = "What is the main object in the image?"
+DROPPED = {"BACKGROUND_Google": "not a class", "Faces_easy": "duplicate of Faces"}
 EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
@@ -46,9 +48,12 @@ def main(argv=None):
     root = find_root(args.src)
     by_class, ignored = {}, 0
     for cls in sorted(os.listdir(root)):
-        if cls == "BACKGROUND_Google" or not os.path.isdir(os.path.join(root, cls)):
+        if not os.path.isdir(os.path.join(root, cls)):
             continue
         files = sorted(os.listdir(os.path.join(root, cls)))
+        if cls in DROPPED:
+            print(f"skipped {sum(f.lower().endswith(EXTS) for f in files)} images of {cls} ({DROPPED[cls]})")
+            continue
         by_class[cls.replace("_", " ")] = [os.path.join(root, cls, f) for f in files if f.lower().endswith(EXTS)]
         ignored += sum(not f.lower().endswith(EXTS) for f in files)
     labels = sorted(by_class)
@@ -89,6 +94,8 @@ def main(argv=None):
         if usable("train", path):
             chosen["train"].append((label, path))
     for split, n in (("train", args.n_train), ("test", args.n_test)):
+        if n == 0:  # asked for no such split: no file, rather than an empty one
+            continue
         if len(chosen[split]) < n:
             print(f"note: asked for {n} {split} images, only {len(chosen[split])} were available")
         os.makedirs(os.path.join(args.out, "images", split), exist_ok=True)

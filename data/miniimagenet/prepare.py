@@ -34,22 +34,43 @@ def read_names(path):
     return names
 
 
+def _number(name):
+    """The trailing number of ImageNet's 'n01440764_10026.JPEG', by which mmfewshot orders a class folder."""
+    tail = os.path.splitext(name)[0].split("_")[-1]
+    return (0, int(tail), name) if tail.isdigit() else (1, 0, name)
+
+
 def find_images(src):
-    """(class, path) of every image in the three common layouts: SRC/{train,val,test}/<class>/*,
-    SRC/<class>/*, or Ravi & Larochelle's SRC/images/* listed in SRC/{train,val,test}.csv (filename,label);
-    and how many other files the class folders hold."""
-    found, ignored = [], 0
+    """(class, path) of every image in the common layouts, and how many other files the class folders hold:
+    SRC/{train,val,test}/<class>/*, SRC/<class>/*, or SRC/{train,val,test}.csv (filename,label) with SRC/images/
+    flat (Ravi & Larochelle: images/n0153282900000005.jpg) or holding ImageNet's files per class (mmfewshot:
+    images/n01532829/n01532829_10026.JPEG); there the csv's n0153282900000005 is the 5th file of the class
+    folder ordered by the number after '_', as mmfewshot's MiniImageNetDataset reads it."""
+    found, ignored, folders = [], 0, {}
     csvs = [os.path.join(src, f"{s}.csv") for s in SPLIT_DIRS if os.path.isfile(os.path.join(src, f"{s}.csv"))]
-    if csvs and os.path.isdir(os.path.join(src, "images")):
+    images = os.path.join(src, "images")
+    if csvs and os.path.isdir(images):
         for path in csvs:
             with open(path, newline="", encoding="utf-8") as f:
                 reader = csv.reader(f)
                 for row in reader:
                     if len(row) != 2:
                         sys.exit(f"{path}:{reader.line_num}: expected 'filename,label', got {row!r} (fix the row)")
-                    if row != ["filename", "label"]:
-                        found.append((row[1], os.path.join(src, "images", row[0])))
-        return sorted(found), 0
+                    if row == ["filename", "label"]:
+                        continue
+                    name, cls = row
+                    stem = os.path.splitext(name)[0]
+                    image = os.path.join(images, name)
+                    if not os.path.isfile(image) and os.path.isdir(os.path.join(images, cls)) and stem[-5:].isdigit():
+                        if cls not in folders:
+                            files = os.listdir(os.path.join(images, cls))
+                            folders[cls] = sorted((f for f in files if f.lower().endswith(EXTS)), key=_number)
+                            ignored += len(files) - len(folders[cls])
+                        nth = int(stem[-5:]) - 1
+                        if 0 <= nth < len(folders[cls]):
+                            image = os.path.join(images, cls, folders[cls][nth])
+                    found.append((cls, image))
+        return sorted(found), ignored
     roots = [os.path.join(src, s) for s in SPLIT_DIRS if os.path.isdir(os.path.join(src, s))] or [src]
     for root in roots:
         for cls in sorted(os.listdir(root)):
@@ -79,7 +100,7 @@ def main(argv=None):
     pool, ignored = find_images(args.src)
     if not pool:
         sys.exit(f"{args.src}: no images found (expected SRC/<class>/*.jpg, SRC/train/<class>/*.jpg, "
-                 f"or SRC/images/ with SRC/train.csv; point --src at the folder that holds them)")
+                 f"or SRC/images/ (flat or per class) with SRC/train.csv; point --src at the folder that holds them)")
     names = read_names(args.names) if args.names else {}
     unnamed = sorted({c for c, _ in pool} - set(names)) if args.names else []
     if unnamed:
@@ -117,6 +138,8 @@ def main(argv=None):
             rows.append(dict(id=f"miniimagenet-{split}-{cls}-{stem}", task="image_heavy", image=image,
                              question=QUESTION, options=options, answer=options.index(label[cls]),
                              source="miniimagenet"))
+        if n == 0:  # asked for no such split: no file, rather than an empty one
+            continue
         if len(rows) < n:
             print(f"note: asked for {n} {split} images, only {len(rows)} were left")
         perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped)

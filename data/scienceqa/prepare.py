@@ -1,7 +1,8 @@
 """ScienceQA-IMG as VQA questions: only items with an image, options in the source's order, a non-empty
 hint put before the question as "Context: <hint>". Reads the original problems.json with
 images/<split>/<id>/image.png (or <split>/<id>/image.png), or Hugging Face derek-thomas/ScienceQA
-{train,validation,test}-*.parquet; train/val(idation)/test -> train/validation/test.jsonl.
+{train,validation,test}-*.parquet; train/val(idation)/test -> train/validation/test.jsonl, less any split
+whose image folder was not extracted.
   python data/scienceqa/prepare.py --src PATH [--out data/scienceqa]
 """
 import argparse
@@ -38,6 +39,13 @@ def original(src):
             candidates = [os.path.join(root, d, item["split"], pid, item["image"]) for d in ("images", "")]
             image = next((c for c in candidates if os.path.isfile(c)), candidates[0])
         yield SPLITS[item["split"]], where, pid, item, image
+
+
+def image_folder(src, split):
+    """The original layout's image folder of split, or None: a user may extract only some of the zips."""
+    root = os.path.dirname(src) if os.path.isfile(src) else src
+    folders = [os.path.join(root, d, s) for d in ("images", "") for s in SPLITS if SPLITS[s] == split]
+    return next((f for f in folders if os.path.isdir(f)), None)
 
 
 def parquet(src):
@@ -119,7 +127,10 @@ def main(argv=None):
                  f"ScienceQA folder)")
     os.makedirs(args.out, exist_ok=True)
     for split in ("train", "validation", "test"):
-        if split in rows or split in skipped:
+        if is_json and split in skipped and not rows.get(split) and image_folder(args.src, split) is None:
+            print(f"note: no {split} image folder beside problems.json, so no {split}.jsonl "
+                  f"(extract that split's images to convert it)")
+        elif split in rows or split in skipped:
             perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows[split], skipped[split])
 
 
