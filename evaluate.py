@@ -21,16 +21,21 @@ import perturb
 _last_print = [0.0]
 
 
-def progress(done, total, t0, unit="samples", extra=""):
-    """One self-overwriting line on stderr, at most twice a second: count, rate and time left."""
-    if done < total and time.time() - _last_print[0] < 0.5:
+def progress(done, total, t0, unit="samples", extra="", every=30.0):
+    """Count, rate and time left on stderr. In a terminal one self-overwriting line, at most twice a
+    second; in a file (torchrun, a batch scheduler) a plain line at most every `every` seconds and at the
+    end, where self-overwriting updates would pile up into one line of thousands of characters."""
+    tty = sys.stderr.isatty()
+    if done < total and time.time() - _last_print[0] < (0.5 if tty else every):
         return
     _last_print[0] = time.time()
     rate = done / max(time.time() - t0, 1e-9)
     eta = (total - done) / rate if rate > 0 else 0
-    end = "\n" if done >= total else ""
-    print(f"\r{done}/{total} {unit} | {rate:.1f} {unit}/s | ETA {int(eta) // 60}:{int(eta) % 60:02d} {extra}",
-          end=end, file=sys.stderr, flush=True)
+    line = f"{done}/{total} {unit} | {rate:.1f} {unit}/s | ETA {int(eta) // 60}:{int(eta) % 60:02d} {extra}"
+    if tty:
+        print("\r" + line, end="\n" if done >= total else "", file=sys.stderr, flush=True)
+    else:
+        print(line.rstrip(), file=sys.stderr, flush=True)
 
 
 def rng_for(seed, sample, name):
@@ -143,7 +148,8 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
             for (s, name), probs in zip([jobs[i] for i in mine], score(model, processor, chosen, letter_ids)):
                 new.append({"id": s["id"], "task": s["task"], "source": s["source"], "intervention": name,
                             "probs": probs, "pred": max(range(len(probs)), key=probs.__getitem__),
-                            "answer": s["answer"]})
+                            "answer": s["answer"],
+                            **({"question_id": s["question_id"]} if "question_id" in s else {})})
         gathered = [None] * world if master else None
         if world > 1:
             dist.gather_object(new, gathered, dst=0)

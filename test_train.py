@@ -195,6 +195,100 @@ def test_accumulation_and_activation_checkpointing_leave_the_step_unchanged(toy,
                                                                                                        rel=1e-4)
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_any_batch_size_trains_every_task_in_its_ratio(toy, tmp_path, monkeypatch, batch):
+    data, models = toy
+    g = _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path), "--batch-size", str(batch),
+                "--epochs", "0", "--no-export"], monkeypatch)
+    seen = {"image_heavy": 0, "text_heavy": 0, "vqa": 0}
+    for step in range(24):
+        for s in g["originals"](step):
+            seen[s["task"]] += 1
+        n = (step + 1) * batch  # originals so far, at the default ratios 0.25 / 0.25 / 0.5
+        assert abs(seen["image_heavy"] - n / 4) < 2 and abs(seen["text_heavy"] - n / 4) < 2
+        assert abs(seen["vqa"] - n / 2) < 2
+        if n % 4 == 0:
+            assert seen == {"image_heavy": n // 4, "text_heavy": n // 4, "vqa": n // 2}
+
+
+def test_a_batch_of_one_trains(toy, tmp_path, monkeypatch, capsys):
+    data, models = toy
+    out = str(tmp_path / "one")
+    _train(["--model", models["llava"], "--data", data, "--out", out, "--batch-size", "1", "--max-steps", "4",
+            "--eps", "0.05", "--no-export"], monkeypatch)
+    rows = _metrics(out)
+    assert len(rows) == 4 and all(r["sft"] > 0 for r in rows)
+    assert sum(r["adv"] > 0 for r in rows) == 2  # 1 image-heavy and 1 text-heavy original in 4: the VQA half has none
+    assert "image_heavy 0.25, text_heavy 0.25, vqa 0.5 (+ twins)" in capsys.readouterr().out
+    for flag in ("--batch-size", "--grad-accum"):
+        with pytest.raises(SystemExit, match="must be at least 1"):
+            _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path / "zero"), flag, "0"],
+                   monkeypatch)
+
+
+def test_two_processes_with_a_batch_of_one_train_like_one(toy, tmp_path):
+    """Rank 1's second original is VQA while rank 0's is image-heavy: both must run the PGD passes."""
+    data, models = toy
+    common = ["train.py", "--model", models["llava"], "--data", data, "--max-steps", "2", "--eps", "0.05",
+              "--ratio-image", "0.5", "--ratio-text", "0.25", "--no-export", "--out"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable] + common + [str(tmp_path / "one"), "--batch-size", "2"], check=True, cwd=HERE,
+                   env=env, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29541"] + common + [str(tmp_path / "two"), "--batch-size", "1"], cwd=HERE, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-5000:]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for k in ("loss", "sft", "adv", "cons", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+
+
+def test_an_epoch_ends_when_the_smallest_pool_has_been_seen_once(toy, tmp_path, monkeypatch, capsys):
+    data, models = toy
+    train = os.path.join(os.path.dirname(data), "train.jsonl")  # 4 samples of each task
+    common = ["--model", models["llava"], "--data", train, "--batch-size", "2", "--no-export", "--out"]
+    g = _train(common + [str(tmp_path / "a"), "--epochs", "0"], monkeypatch)
+    # per step 2 originals: image-heavy and text-heavy 2 * 0.25 each, VQA 2 * 0.5
+    assert g["steps_per_epoch"] == math.ceil(4 / (2 * 0.5)) == 4
+    assert "one pass over the smallest pool takes 4 steps, over the largest 8" in capsys.readouterr().out
+    vqa = {s["id"] for step in range(4) for s in g["originals"](step) if s["task"] == "vqa"}
+    assert len(vqa) == 4  # the epoch saw every VQA sample
+    g = _train(common + [str(tmp_path / "b"), "--epochs", "0", "--epoch-end", "largest"], monkeypatch)
+    assert g["steps_per_epoch"] == math.ceil(4 / (2 * 0.25)) == 8
+    images = {s["id"] for step in range(8) for s in g["originals"](step) if s["task"] == "image_heavy"}
+    assert len(images) == 4
+
+
+def test_progress_writes_plain_lines_to_a_log_file_and_one_live_line_to_a_terminal(monkeypatch):
+    import io
+    import types
+    import evaluate
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    clock = [0.0]
+    monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    log, terminal = io.StringIO(), Terminal()
+    for stream in (log, terminal):
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setattr(evaluate, "_last_print", [0.0])
+        for done in range(1, 11):  # a step every 10 s from t0 = 100: 0.1 steps/s
+            clock[0] = 100.0 + 10 * done
+            evaluate.progress(done, 10, 100.0, "steps", "| loss 0.5")
+    # a file: the first line, then one per 30 s, and the last
+    assert log.getvalue() == ("1/10 steps | 0.1 steps/s | ETA 1:30 | loss 0.5\n"
+                              "4/10 steps | 0.1 steps/s | ETA 1:00 | loss 0.5\n"
+                              "7/10 steps | 0.1 steps/s | ETA 0:30 | loss 0.5\n"
+                              "10/10 steps | 0.1 steps/s | ETA 0:00 | loss 0.5\n")
+    out = terminal.getvalue()
+    assert out.count("\r") == 10 and out.count("\n") == 1 and out.endswith("\r10/10 steps | 0.1 steps/s | ETA "
+                                                                         "0:00 | loss 0.5\n")
+
+
 # ---- bench.py: profile, compute floor, memory plan (what it measures is never asserted as a time) -------
 
 def test_profile_times_every_phase_without_changing_the_step(toy, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import shutil
 import socket
 import sys
 import time
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,8 @@ p.add_argument("--lr", type=float, default=2e-5)
 p.add_argument("--min-lr", type=float, default=0.0)
 p.add_argument("--warmup", type=float, default=0.03, help="share of steps with linear warm-up, then cosine")
 p.add_argument("--epochs", type=float, default=1.0)
+p.add_argument("--epoch-end", choices=["smallest", "largest"], default="smallest",
+               help="an epoch is one pass over the pool that runs out first (as the authors' sampler) or the last")
 p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
 p.add_argument("--batch-size", type=int, default=8, help="originals per GPU per micro-step (twins come on top)")
 p.add_argument("--grad-accum", type=int, default=1)
@@ -134,26 +137,32 @@ try:
     samples = [s for path in paths for s in perturb.load_samples(path)]
 except (perturb.DataError, FileNotFoundError) as e:  # messages written for people: file, line, what to do
     sys.exit(f"error: {e}")
-ratios = {"image_heavy": args.ratio_image, "text_heavy": args.ratio_text,
-          "vqa": max(0.0, 1.0 - args.ratio_image - args.ratio_text)}
+# exact fractions: in floats ceil(100 * 0.55) is 56, and the schedule would drift from the ratios
+image, text = (Fraction(r).limit_denominator(10**6) for r in (args.ratio_image, args.ratio_text))
+ratios = {"image_heavy": image, "text_heavy": text, "vqa": max(Fraction(0), 1 - image - text)}
 pools = {t: [s for s in samples if s["task"] == t] for t in ratios if ratios[t] > 0}
 pools = {t: pool for t, pool in pools.items() if pool}
 if not pools:
-    sys.exit(f"no training samples for the tasks with a positive ratio {ratios} in {paths}")
+    sys.exit(f"no training samples for the tasks with a positive ratio "
+             f"{ {t: float(r) for t, r in ratios.items()} } in {paths}")
+if args.batch_size < 1 or args.grad_accum < 1:  # every rank's every micro-step needs a row to collate
+    sys.exit("error: --batch-size and --grad-accum must be at least 1 (1 works: tasks take turns over steps)")
 G = args.batch_size * world * args.grad_accum  # originals per optimizer step, all ranks
-norm = sum(ratios[t] for t in pools)
-counts = {t: max(1, round(G * ratios[t] / norm)) for t in pools}
-counts[max(counts, key=counts.get)] += G - sum(counts.values())
-# an epoch shows every sample at least once: the pool that needs the most steps decides
-steps_per_epoch = max(math.ceil(len(pools[t]) / counts[t]) for t in pools)
+share = {t: ratios[t] / sum(ratios[t] for t in pools) for t in pools}
+# steps for one pass over each pool; the authors' sampler ends an epoch when the first pool runs out
+# (their 10-hour runs), where waiting for the largest (LLaVA-Instruct's 624k) would take 20-40 times longer
+passes = {t: math.ceil(len(pools[t]) / (G * share[t])) for t in pools}
+steps_per_epoch = (min if args.epoch_end == "smallest" else max)(passes.values())
 max_steps = args.max_steps if args.max_steps is not None else math.ceil(args.epochs * steps_per_epoch)
 ri_images = None
 if args.aug and "text_heavy" in pools:
     if args.ri_folder is None and not any(s["task"] == "image_heavy" for s in samples):
         sys.exit("text-heavy twins need real images for RI: pass --ri-folder or add image-heavy data")
     ri_images = perturb.ri_pool(samples, args.ri_folder)
-log(f"{len(samples)} samples from {len(paths)} files; per step {counts} originals "
-    f"({'+ twins' if args.aug else 'no twins'}); {max_steps} steps ({steps_per_epoch}/epoch)")
+log(f"{len(samples)} samples from {len(paths)} files; originals per step "
+    f"{', '.join(f'{t} {float(G * share[t]):g}' for t in pools)} ({'+ twins' if args.aug else 'no twins'}); "
+    f"one pass over the smallest pool takes {min(passes.values())} steps, over the largest "
+    f"{max(passes.values())}; {max_steps} steps ({steps_per_epoch}/epoch, --epoch-end {args.epoch_end})")
 
 
 @functools.lru_cache(maxsize=16)  # one shuffle per pass over a pool, not one per sample drawn from it
@@ -161,14 +170,26 @@ def permutation(task, cycle):
     return random.Random(f"{args.seed}/{task}/{cycle}").sample(range(len(pools[task])), len(pools[task]))
 
 
+def slot(n):
+    """The task of the n-th original overall (the slots of all steps in a row) and its index in that
+    task's stream. The first task takes slot n where ceil(n * share) steps up, the next does the same
+    among the slots left, and so on: after any n slots every task holds n * share of them within 2, at
+    every batch size, and n alone decides, so any split over ranks and micro-steps gives the same step."""
+    left = Fraction(1)
+    for t in pools:
+        q = share[t] / left  # its share of the slots the earlier tasks left; 1 for the last task
+        k = math.ceil(n * q)  # its slots before n
+        if math.ceil((n + 1) * q) > k:
+            return t, k
+        n, left = n - k, left - share[t]
+
+
 def originals(step):
     """The global batch of `step`: each pool is an endless stream of reshuffled passes, so the batch
     depends on (seed, step) only and a resumed run sees exactly the batches it would have seen."""
     out = []
-    for task in pools:
-        n, k = len(pools[task]), counts[task]
-        for j in range(step * k, (step + 1) * k):
-            out.append(pools[task][permutation(task, j // n)[j % n]])
+    for t, j in map(slot, range(step * G, (step + 1) * G)):
+        out.append(pools[t][permutation(t, j // len(pools[t]))[j % len(pools[t])]])
     return out
 
 
@@ -414,10 +435,16 @@ def loss_parts(batch, step, totals):
     targets = labels[:, keep + 1]  # aligned with the kept logits
     mask = losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"])
     adv = [r for r in range(n) if mask[r].any()] if args.adv != "none" else []
+    attack = adv
+    # every rank must run as many PGD passes, or FSDP's collectives wait forever: a rank whose micro-batch
+    # has nothing to attack (all VQA, at a small batch) while another's has attacks its first row under an
+    # empty mask (delta stays 0) and drops the result
+    if args.adv == "pgd" and world > 1 and all_sum(torch.tensor([float(len(adv))], device=device)).item() > 0:
+        attack = adv or [0]
     all_embeds, all_batch = embeds, batch
-    if adv:
-        sub, base, sub_mask = rows_of(batch, adv), embeds[adv].detach(), mask[adv]
-        noise = noise_like(base, [batch["ids"][r] for r in adv], step, args.adv)
+    if attack:
+        sub, base, sub_mask = rows_of(batch, attack), embeds[attack].detach(), mask[attack]
+        noise = noise_like(base, [batch["ids"][r] for r in attack], step, args.adv)
         lap("noise")
         if args.adv == "pgd":  # gradients w.r.t. delta only: the attack leaves parameter .grad alone
             calls = iter(range(1, args.pgd_steps + 1))
@@ -428,13 +455,14 @@ def loss_parts(batch, step, totals):
                 i = next(calls)
                 if i > 1:
                     lap(f"pgd{i - 1}")  # the previous step's forward and backward w.r.t. delta
-                return losses.sft_loss(step_model(sub, base + d, keep), targets[adv], "sum", shift=False) / totals[1]
+                return losses.sft_loss(step_model(sub, base + d, keep), targets[attack], "sum", shift=False) / totals[1]
 
             delta = losses.pgd(attacked, base, sub_mask, args.eps, args.alpha, args.pgd_steps, args.pgd_sign,
                                noise=noise)
             lap(f"pgd{args.pgd_steps}")
         else:
             delta = losses.gaussian_noise(base, sub_mask, args.sigma, noise=noise)
+    if adv:
         all_embeds = torch.cat([embeds, embeds[adv] + delta])  # clean graph kept: L_adv trains the projector too
         all_batch = cat_rows(rows_of(batch, list(range(n))), sub)
         targets = torch.cat([targets, targets[adv]])
