@@ -6,10 +6,12 @@ returns a perturbed copy. Used by evaluate.py and train.py, e.g. perturb(s, "md"
 import functools
 import hashlib
 import json
+import os
 import random
 import re
 import string
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,8 @@ LETTERS = string.ascii_uppercase
 APPLIES = {"orig": TASKS, "uf": ("image_heavy",), "md": ("image_heavy",), "rp": ("text_heavy",),
            "ri": ("text_heavy",), "fb": ("text_heavy",), "fw": ("text_heavy",)}
 FACTS_FILE = Path(__file__).parent / "data" / "unrelated_facts.txt"
+# each family's processor expands these into image slots, so in a question they would misplace the image
+IMAGE_TOKENS = ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
 
 # Train and eval wordings differ so that a model fine-tuned on the train pool is evaluated on
 # misleading descriptions it has never seen. "the" avoids a/an mistakes before any class name.
@@ -40,9 +44,14 @@ def data_file(path, split):
     return str(Path(path) / f"{split}.jsonl") if Path(path).is_dir() else str(path)
 
 
-def load_samples(path):
-    folder, samples, first_line = Path(path).parent, [], {}
-    with open(path, encoding="utf-8") as f:
+def load_samples(path, *, image_root=None, decode=False):
+    """The samples of a JSONL file, checked (SPEC section 1), image paths made absolute. An image path
+    must stay inside the file's folder or image_root as written (no "..", no absolute path elsewhere);
+    a symlink placed there by the user is followed, as a dataset on another disk often is. decode=True
+    also decodes every distinct image once, so a bad one stops the run before a model loads."""
+    folder, samples, first_line, images = Path(path).parent, [], {}, {}
+    roots = [Path(os.path.abspath(r)) for r in [folder] + ([image_root] if image_root is not None else [])]
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark some editors write is not JSON
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -50,15 +59,41 @@ def load_samples(path):
                 sample = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON: {e} (write one JSON object per line)") from e
-            _check(sample, folder, lambda what: DataError(f"{path}:{lineno}: {what}"))
+            _check(sample, folder, roots, lambda what: DataError(f"{path}:{lineno}: {what}"))
             if sample["id"] in first_line:
                 raise DataError(f"{path}:{lineno}: duplicate id {sample['id']!r}, first on line "
                                 f"{first_line[sample['id']]} (ids must be unique within a file)")
             first_line[sample["id"]] = lineno
+            if sample["image"] is not None:
+                images.setdefault(sample["image"], (lineno, sample["id"]))
             samples.append(sample)
     if not samples:
         raise DataError(f"{path}:1: no samples (the file needs at least one JSON object line)")
+    if decode:
+        _decode_all(path, images)
     return samples
+
+
+def _decode_all(path, images):
+    """images: {path: (line, id)} of each distinct image. PIL releases the GIL while it decodes, so
+    threads share the work; every image is tried, so the error can say how many more are bad."""
+    workers = min(16, os.cpu_count() or 1) if len(images) > 32 else 1
+    with ThreadPoolExecutor(workers) as pool:
+        bad = [(where, why) for where, why in zip(images.values(), pool.map(_unreadable, images)) if why]
+    if bad:
+        (lineno, sid), why = bad[0]
+        more = f"; {len(bad) - 1} more images are bad" if len(bad) > 1 else ""
+        raise DataError(f"{path}:{lineno}: the image of sample {sid!r} cannot be decoded: {why}{more} "
+                        f"(replace the image or drop the sample)")
+
+
+def sha256(path):
+    """Hex digest of a file, read in chunks: what a resume compares to find its data unchanged."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_samples(path, samples, skipped=None):
@@ -78,7 +113,7 @@ def _nonempty_str(x):
     return isinstance(x, str) and x.strip() != ""
 
 
-def _check(s, folder, err):
+def _check(s, folder, roots, err):
     """Validates one sample in place and makes its image path absolute; err(what) builds the error."""
     if not isinstance(s, dict):
         raise err(f"expected a JSON object, got {type(s).__name__} (write one sample object per line)")
@@ -99,13 +134,26 @@ def _check(s, folder, err):
         raise err(f"options {opts!r} are not 2 to {len(LETTERS)} distinct non-empty strings (fix the options list)")
     elif type(ans) is not int or not 0 <= ans < len(opts):
         raise err(f"answer {ans!r} is not among the {len(opts)} options (answer is a 0-based index into options)")
+    texts = [("question", s["question"])] + [(f"option {i}", o) for i, o in enumerate(opts or [])]
+    for where, text in texts:
+        token = next((t for t in IMAGE_TOKENS if t in text), None)
+        if token:
+            raise err(f"sample {s['id']!r}: its {where} holds {token!r}, a model's image token (remove it from "
+                      f"the text: the image field places the image)")
     if s["task"] == "text_heavy":
         if s["image"] is not None:
             raise err(f"text_heavy sample has image {s['image']!r} (set image to null; its image is random pixels)")
-    elif not (_nonempty_str(s["image"]) and (folder / s["image"]).is_file()):
-        raise err(f"image {s['image']!r} is not a file in {str(folder)!r} (image paths are relative to the jsonl)")
+    elif not _nonempty_str(s["image"]):
+        raise err(f"image {s['image']!r} is not a path (image paths are relative to the jsonl)")
     else:
-        s["image"] = str((folder / s["image"]).resolve())
+        written = Path(os.path.normpath(os.path.join(roots[0], s["image"])))  # lexical: the text cannot escape
+        if not any(written.is_relative_to(root) for root in roots):
+            raise err(f"image {s['image']!r} is {str(written)!r}, outside {str(roots[0])!r} (keep images "
+                      f"inside the data file's folder, or pass another allowed folder as image_root)")
+        real = written.resolve()
+        if not real.is_file():
+            raise err(f"image {s['image']!r} is not a file in {str(folder)!r} (image paths are relative to the jsonl)")
+        s["image"] = str(real)
     facts = s.get("facts")
     if facts is not None and opts is not None and not (isinstance(facts, dict) and all(
             k.isdigit() and str(int(k)) == k and int(k) < len(opts) and _nonempty_str(v) for k, v in facts.items())):
@@ -122,23 +170,68 @@ def load_image(sample, size=336):
     if image is None:
         return random_pixels(sample["id"], size)
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     try:
         with Image.open(image) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
+            return to_rgb(im)
+    except Exception as e:  # PIL raises many kinds on a bad file: OSError, SyntaxError, DecompressionBombError
         raise DataError(f"{image}: cannot read the image of sample {sample['id']!r}: {e} "
                         f"(replace the file or drop the sample)") from e
 
 
-def readable_image(path):
-    """Whether PIL can read the image file at path (a converter's check before keeping a sample)."""
+def to_rgb(im):
+    """im as 8-bit RGB. PIL's convert("RGB") clips 16- and 32-bit pixels at 255 (a white image), so these
+    are scaled first: integer modes (I;16, I;16B, I) hold 16-bit values, v -> v >> 8; a float image (F)
+    with values in 0..1 becomes int(v * 255), any other float image is read as 16-bit values too."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        a = a * 255 if im.mode == "F" and a.size and a.max() <= 1 else a / 256
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
+def _unreadable(src):
+    """Why PIL cannot fully decode the image at src (a path or file object), or None if it can."""
     try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except (OSError, SyntaxError, ValueError):
-        return False
+        with Image.open(src) as im:
+            im.load()
+        return None
+    except Exception as e:  # OSError (garbage, truncated), SyntaxError, DecompressionBombError, struct.error...
+        return f"{type(e).__name__}: {e}"
+
+
+def readable_image(src):
+    """Whether PIL can fully decode the image at src, a path or file object: a converter's check before it
+    keeps a sample. A truncated or garbage file, or one over PIL's decompression-bomb limit, is not."""
+    return _unreadable(src) is None
+
+
+def safe_name(text, folders=False):
+    """text from a dataset (a label, an index, a file name) as a file name that stays in the folder it is
+    joined to; folders=True keeps "/" as folder separators, each part made safe. A part of letters, digits,
+    _ - . (not leading .) is kept; any other has those characters replaced and a hash of the text added,
+    so two different texts never share a name: "../x.png" -> "_x-1b2c3d4e.png"."""
+    return "/".join(map(safe_name, str(text).split("/"))) if folders else _safe_part(str(text))
+
+
+def _safe_part(part):
+    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", part):
+        return part
+    stem, ext = os.path.splitext(part)
+    ext = ext if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", ext) else ""
+    digest = hashlib.sha256(part.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', stem)[:60] or '_'}-{digest}{ext}"
+
+
+def inside(out, path):
+    """path, checked to stay under the folder out once joined and normalised: every path a converter writes
+    goes through here. Lexical, not resolved, so an out/images that links to a bigger disk still works."""
+    root = os.path.normpath(os.path.abspath(out))
+    full = os.path.normpath(os.path.join(root, path))
+    if os.path.commonpath([root, full]) != root:
+        raise DataError(f"{path}: would be written outside {out} (a name from the source was not made safe: "
+                        f"pass it through perturb.safe_name)")
+    return full
 
 
 def random_pixels(key, size):

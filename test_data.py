@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 from PIL import Image
@@ -187,6 +188,71 @@ def test_a_converter_that_keeps_nothing_exits_naming_the_file_and_why(tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert f"{tmp_path / 'out' / 'train.jsonl'}: kept 0, skipped 12: 12 missing image" in res.stderr
     assert "check --src" in res.stderr and not (tmp_path / "out" / "train.jsonl").exists()
+
+
+def test_caltech_skips_and_counts_a_decompression_bomb(tmp_path):
+    root = tmp_path / "101_ObjectCategories"
+    for k, cls in enumerate(["ant", "bass", "crab", "duck"]):
+        for i in range(1, 4):
+            _photo(str(root / cls / f"image_{i:04d}.jpg"), (k * 40, i * 60, 0))
+    (root / "ant" / "image_0004.png").write_bytes(_bomb_png())
+    res = _run("caltech101", "--src", tmp_path, "--out", tmp_path / "out", "--n-train", 100, "--n-test", 4)
+    assert "found 13 images of 4 classes" in res.stdout
+    assert "kept 8, skipped 1: 1 unreadable image" in res.stdout and "Traceback" not in res.stderr
+
+
+def _bomb_png():
+    """A PNG whose header claims 20000 x 20000 pixels, over twice PIL's decompression-bomb limit."""
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    ihdr = (20000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_converters_write_nothing_outside_out_whatever_names_the_source_holds(tmp_path):
+    mini = tmp_path / "mini"
+    for i, cls in enumerate(["../../../ESCAPED_mini", "tank", "lion", "ant"]):
+        _photo(str(mini / "images" / f"im{i}.png"), (i * 50, 0, 0))
+    (mini / "train.csv").write_text("filename,label\n" + "".join(
+        f"im{i}.png,{c}\n" for i, c in enumerate(["../../../ESCAPED_mini", "tank", "lion", "ant"])))
+    _run("miniimagenet", "--src", mini, "--out", tmp_path / "out", "--n-train", 4, "--n-test", 0)
+    assert len(perturb.load_samples(tmp_path / "out" / "train.jsonl")) == 4
+
+    sqa = tmp_path / "a" / "b" / "sqa"  # the key leads the source up as far as the output
+    _write_json(str(sqa / "problems.json"), {"../../../../ESCAPED_sqa": _problem("train", "image.png")})
+    _photo(str(tmp_path / "a" / "ESCAPED_sqa" / "image.png"))
+    (sqa / "images" / "train").mkdir(parents=True)
+    _run("scienceqa", "--src", sqa, "--out", tmp_path / "out" / "sqa")
+    assert len(perturb.load_samples(tmp_path / "out" / "sqa" / "train.jsonl")) == 1
+
+    tsv = _mmbench_tsv(tmp_path / "mmb.tsv", [  # row 0's image cell names row 1, whose index is a path
+        dict(index="0", question="q", A="a", B="b", answer="A", image="../../ESCAPED_mmb"),
+        dict(index="../../ESCAPED_mmb", question="q", A="a", B="b", answer="A", image=_b64_image((1, 2, 3)))])
+    res = _run("mmbench", "--src", tsv, "--out", tmp_path / "out", ok=False)
+    assert "index '../../ESCAPED_mmb' is not a whole number" in res.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and (tmp_path / "out") not in p.parents]
+    assert not [p for p in written if p.name.startswith("ESCAPED")]
+    with pytest.raises(perturb.DataError, match="outside"):
+        perturb.inside(tmp_path / "out", "images/../../x.png")
+
+
+def test_images_with_one_basename_in_two_folders_stay_two_images(tmp_path):
+    _photo(str(tmp_path / "SEED-Bench-image" / "a" / "1.png"), (255, 0, 0))
+    _photo(str(tmp_path / "SEED-Bench-image" / "b" / "1.png"), (0, 0, 255))
+    src = _write_json(str(tmp_path / "SEED-Bench.json"), {"questions": [
+        _seed_question("1", "a/1.png"), _seed_question("2", "b/1.png")]})
+    _run("seedbench", "--src", src, "--out", tmp_path / "seed")
+    folder = tmp_path / "SEED-Bench-Img" / "x"
+    _photo(str(folder.parent / "a" / "1.png"), (255, 0, 0))
+    _photo(str(folder.parent / "b" / "1.png"), (0, 0, 255))
+    _write_json(str(folder / "multiple_choice_data.json"), [
+        {"image": name, "question": "Which?", "multiple_choices": {"A": "one", "B": "two"},
+         "multiple_choices_answer": "A"} for name in ("../a/1.png", "../b/1.png")])
+    _run("authors", "--src", folder, "--task", "vqa", "--images", folder, "--out", tmp_path / "authors")
+    for out in ("seed", "authors"):
+        rows = perturb.load_samples(tmp_path / out / "test.jsonl")
+        with Image.open(rows[0]["image"]) as first, Image.open(rows[1]["image"]) as second:
+            assert (first.getpixel((0, 0)), second.getpixel((0, 0))) == ((255, 0, 0), (0, 0, 255)), out
 
 
 # ---- text-heavy ----------------------------------------------------------------------------------------
@@ -494,8 +560,9 @@ def test_llava_instruct_first_exchange_all_turns_and_image_paths(tmp_path):
     assert rows[1]["question"] == "Is the sky dark?" and rows[1]["answer"] == "Yes"
     assert all(r["task"] == "vqa" and r["source"] == "llava_instruct" for r in rows)
     assert rows[0]["source_id"] == "000000033471"
-    assert rows[0]["image"] == "../../llava/coco/train2017/000000033471.jpg"
-    assert all(os.path.isfile(os.path.join(out, r["image"])) for r in rows)
+    assert rows[0]["image"] == "images/coco/train2017/000000033471.jpg"  # a hard link: inside --out, no space
+    assert os.path.samefile(out / rows[0]["image"], tmp_path / "llava" / "coco" / "train2017" / "000000033471.jpg")
+    assert len(perturb.load_samples(out / "train.jsonl")) == 2
     _run("llava_instruct", "--src", src, "--out", tmp_path / "all", "--all-turns", "--copy-images")
     rows = _read(tmp_path / "all" / "train.jsonl")
     assert [r["id"] for r in rows] == ["llava_instruct-train-000000-0", "llava_instruct-train-000000-1",

@@ -55,24 +55,29 @@ def save_image(item, roots, out, split, index):
     found = find(name, roots)
     if found and (os.path.isdir(found) or found.lower().endswith(VIDEO)):  # SEED-Bench video frames or clips
         return None, "video"
-    try:
-        if found:
-            with Image.open(found) as im:
-                im.verify()
-            rel = os.path.normpath(name).replace(os.sep, "/") + ("" if os.path.splitext(name)[1]
-                                                                 else os.path.splitext(found)[1])
-            rel = f"images/{split}/" + (os.path.basename(rel) if rel.startswith("../") or os.path.isabs(rel) else rel)
-            os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
-            shutil.copyfile(found, os.path.join(out, rel))
-            return rel, None
-        if len(name) > 256:
-            im = Image.open(io.BytesIO(base64.b64decode(name)))
-            rel = f"images/{split}/{index:06d}.png"
-            os.makedirs(os.path.join(out, "images", split), exist_ok=True)
-            (im if im.format == "PNG" else im.convert("RGB")).save(os.path.join(out, rel))
-            return rel, None
-    except (binascii.Error, OSError, SyntaxError, ValueError):
-        return None, "unreadable image"
+    if found:
+        if not perturb.readable_image(found):
+            return None, "unreadable image"
+        # named by the item's path, each part made safe: a/1.png and b/1.png stay two images
+        rel = os.path.normpath(name).replace(os.sep, "/") + ("" if os.path.splitext(name)[1]
+                                                             else os.path.splitext(found)[1])
+        rel = f"images/{split}/" + perturb.safe_name(rel, folders=True)
+        dest = perturb.inside(out, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(found, dest)
+        return rel, None
+    if len(name) > 256:
+        try:
+            data = base64.b64decode(name)
+        except (binascii.Error, ValueError):
+            return None, "unreadable image"
+        if not perturb.readable_image(io.BytesIO(data)):
+            return None, "unreadable image"
+        im = Image.open(io.BytesIO(data))
+        rel = f"images/{split}/{index:06d}.png"
+        os.makedirs(os.path.join(out, "images", split), exist_ok=True)
+        (im if im.format == "PNG" else perturb.to_rgb(im)).save(perturb.inside(out, rel))
+        return rel, None
     return None, "missing image"
 
 

@@ -104,8 +104,8 @@ def main(argv=None):
             cls, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
             options = [label] + rng.sample([c for c in labels if c != label], args.n_options - 1)
             rng.shuffle(options)
-            image = f"images/{split}/{cls}-{name}"
-            shutil.copyfile(path, os.path.join(args.out, image))
+            image = f"images/{split}/" + perturb.safe_name(f"{cls}-{name}")
+            shutil.copyfile(path, perturb.inside(args.out, image))
             rows.append(dict(id=f"caltech101-{split}-{cls}-{os.path.splitext(name)[0]}", task="image_heavy",
                              image=image, question=QUESTION, options=options, answer=options.index(label),
                              source="caltech101"))

@@ -1,7 +1,9 @@
 """LLaVA-1.5 instruction data (llava_v1_5_mix665k.json style) as free-form VQA training samples: the
 answer is the assistant's reply text and options is null (our extension of SPEC section 1). One sample
 per conversation from its first exchange; --all-turns gives one per exchange. Conversations without
-an image are skipped. Images are referenced relative to --out unless --copy-images.
+an image are skipped. Images go under --out/images/ by their path under --images, as hard links (no
+space used), symbolic links where --out is on another filesystem, or with --copy-images as copies: a
+JSONL's images must lie inside its folder.
   python data/llava_instruct/prepare.py --src llava_v1_5_mix665k.json [--images ROOT --all-turns --copy-images]
 """
 import argparse
@@ -21,6 +23,23 @@ def clean(text):
     return re.sub(r"\n*<image>\n*", "\n", text).strip()
 
 
+def place(image, dest, copy):
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if os.path.lexists(dest):  # from an earlier run: os.link does not replace a file
+        os.remove(dest)
+    try:
+        if copy:
+            shutil.copyfile(image, dest)
+        else:
+            try:
+                os.link(image, dest)
+            except OSError:  # another filesystem: a hard link cannot cross it, a symbolic one can
+                os.symlink(os.path.abspath(image), dest)
+    except OSError as e:
+        sys.exit(f"error: {image}: cannot {'copy' if copy else 'link'} it to {dest}: {e.strerror} "
+                 f"(check --out, or pass --copy-images)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="the instruction json: a list of {id, image, conversations}")
@@ -28,7 +47,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--all-turns", action="store_true", help="one sample per exchange; the earlier exchanges "
                    "are prepended to the question as 'USER: ... ASSISTANT: ...' lines")
-    p.add_argument("--copy-images", action="store_true", help="copy images to --out/images/ (default: reference them)")
+    p.add_argument("--copy-images", action="store_true", help="copy images to --out/images/ (default: hard-link them)")
     args = p.parse_args(argv)
     if not os.path.isfile(args.src):
         sys.exit(f"{args.src}: no such file (pass --src the instruction json, e.g. llava_v1_5_mix665k.json)")
@@ -40,7 +59,7 @@ def main(argv=None):
             sys.exit(f"{args.src}:{e.lineno}: malformed JSON: {e.msg} (re-download the file)")
     if not isinstance(data, list):
         sys.exit(f"{args.src}:1: expected a JSON list of conversations")
-    rows, skipped = [], collections.Counter()
+    rows, skipped, placed = [], collections.Counter(), {}
     for i, item in enumerate(data):
         where = f"{args.src}: item {i}"
         turns = item.get("conversations") if isinstance(item, dict) else None
@@ -56,15 +75,17 @@ def main(argv=None):
         if not os.path.isfile(image):
             skipped["conversations with a missing image file"] += 1
             continue
-        if args.copy_images:
-            rel = "images/" + os.path.normpath(item["image"]).replace(os.sep, "/")
-            if os.path.isabs(item["image"]) or rel.startswith("images/../"):
-                sys.exit(f"{where}: image {item['image']!r} is not inside --images "
-                         f"(--copy-images needs relative paths)")
-            os.makedirs(os.path.dirname(os.path.join(args.out, rel)), exist_ok=True)
-            shutil.copyfile(image, os.path.join(args.out, rel))
-        else:
-            rel = os.path.relpath(os.path.abspath(image), os.path.abspath(args.out)).replace(os.sep, "/")
+        name = os.path.normpath(item["image"]).replace(os.sep, "/")
+        if os.path.isabs(item["image"]) or name.startswith("../"):
+            sys.exit(f"{where}: image {item['image']!r} is not inside --images (image paths must be relative to it)")
+        rel = "images/" + perturb.safe_name(name, folders=True)
+        if rel not in placed:
+            placed[rel] = perturb.readable_image(image)
+            if placed[rel]:
+                place(image, perturb.inside(args.out, rel), args.copy_images)
+        if not placed[rel]:
+            skipped["conversations with an unreadable image"] += 1
+            continue
         pairs = [(clean(turns[j]["value"]), turns[j + 1]["value"].strip()) for j in range(0, len(turns), 2)]
         for k, (question, answer) in enumerate(pairs if args.all_turns else pairs[:1]):
             if not question or not answer:

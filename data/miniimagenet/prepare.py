@@ -132,8 +132,8 @@ def main(argv=None):
                 continue
             options = [label[cls]] + rng.sample([c for c in labels if c != label[cls]], args.n_options - 1)
             rng.shuffle(options)
-            image = f"images/{split}/{cls}-{os.path.basename(path)}"
-            shutil.copyfile(path, os.path.join(args.out, image))
+            image = f"images/{split}/" + perturb.safe_name(f"{cls}-{os.path.basename(path)}")  # cls: a csv's text
+            shutil.copyfile(path, perturb.inside(args.out, image))
             stem = os.path.splitext(os.path.basename(path))[0]
             rows.append(dict(id=f"miniimagenet-{split}-{cls}-{stem}", task="image_heavy", image=image,
                              question=QUESTION, options=options, answer=options.index(label[cls]),

@@ -89,15 +89,17 @@ def main(argv=None):
             if len(set(options)) < len(options) or len(options) < 2:
                 skipped["duplicate or too few options"] += 1
                 continue
-            out_image = f"images/{holder}.png"
+            out_image = f"images/{perturb.safe_name(holder)}.png"
             if holder not in saved:  # each image is written once, however many rows show it
                 try:
-                    im = Image.open(io.BytesIO(base64.b64decode(image, validate=False)))
-                    im.load()
-                except (binascii.Error, OSError, ValueError):
+                    data = base64.b64decode(image, validate=False)
+                except (binascii.Error, ValueError):
+                    data = b""
+                if not perturb.readable_image(io.BytesIO(data)):
                     skipped["missing or undecodable image"] += 1
                     continue
-                (im if im.format == "PNG" else im.convert("RGB")).save(os.path.join(args.out, out_image))
+                im = Image.open(io.BytesIO(data))
+                (im if im.format == "PNG" else perturb.to_rgb(im)).save(perturb.inside(args.out, out_image))
                 saved.add(holder)
             hint, question = row.get("hint"), row["question"].strip()
             sample = dict(id=f"mmbench-test-{index}", task="vqa", image=out_image,

@@ -101,22 +101,19 @@ def main(argv=None):
         if len(set(choices)) < len(choices):
             skipped[split]["duplicate options"] += 1
             continue
-        out_image = f"images/{split}/{sid}.png"
-        os.makedirs(os.path.join(args.out, "images", split), exist_ok=True)
-        try:
-            if isinstance(image, bytes):
-                im = Image.open(io.BytesIO(image))
-                (im if im.format == "PNG" else im.convert("RGB")).save(os.path.join(args.out, out_image))
-            else:
-                with Image.open(image) as im:
-                    im.verify()
-                shutil.copyfile(image, os.path.join(args.out, out_image))
-        except FileNotFoundError:
+        if not isinstance(image, bytes) and not os.path.isfile(image):
             skipped[split]["missing image"] += 1
             continue
-        except (OSError, SyntaxError, ValueError):
+        if not perturb.readable_image(io.BytesIO(image) if isinstance(image, bytes) else image):
             skipped[split]["unreadable image"] += 1
             continue
+        out_image = f"images/{split}/{perturb.safe_name(sid)}.png"  # sid: a key of problems.json
+        os.makedirs(os.path.join(args.out, "images", split), exist_ok=True)
+        if isinstance(image, bytes):
+            im = Image.open(io.BytesIO(image))
+            (im if im.format == "PNG" else perturb.to_rgb(im)).save(perturb.inside(args.out, out_image))
+        else:
+            shutil.copyfile(image, perturb.inside(args.out, out_image))
         hint = str(item.get("hint") or "").strip()
         rows[split].append(dict(id=f"scienceqa-{split}-{sid}", task="vqa", image=out_image,
                                 question=f"Context: {hint}\n{question.strip()}" if hint else question.strip(),

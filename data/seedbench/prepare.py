@@ -1,6 +1,7 @@
 """SEED-Bench-IMG as VQA questions: the image items of SEED-Bench.json (video items are skipped), the
 four choices A-D in order; images are looked up as <images>/<data_id> (with .jpg/.png tried when the
-id has no extension) and copied. All of SEED-Bench is a test set.
+id has no extension) and copied to images/ under their path below --images, made safe (perturb.safe_name).
+All of SEED-Bench is a test set.
   python data/seedbench/prepare.py --src SEED-Bench.json [--images SEED-Bench-image --out data/seedbench]
 """
 import argparse
@@ -68,10 +69,13 @@ def main(argv=None):
         if source is None:
             skipped["missing image"] += 1
             continue
-        if source not in copied:
-            copied[source] = f"images/{os.path.basename(source)}" if perturb.readable_image(source) else None
+        if source not in copied:  # named by the path under --images: a/1.png and b/1.png are two images
+            rel = "images/" + perturb.safe_name(os.path.relpath(source, images).replace(os.sep, "/"), folders=True)
+            copied[source] = rel if perturb.readable_image(source) else None
             if copied[source]:
-                shutil.copyfile(source, os.path.join(args.out, copied[source]))
+                dest = perturb.inside(args.out, copied[source])
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copyfile(source, dest)
         if copied[source] is None:
             skipped["unreadable image"] += 1
             continue
