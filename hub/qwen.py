@@ -152,7 +152,10 @@ def make_tiny_qwen(folder, seed=0, **dims):
     torch.manual_seed(seed)
     processor = M.QwenImageProcessor(image_processor=image_processor(), tokenizer=tokenizer())
     os.makedirs(folder, exist_ok=True)
-    return M.save(transformers.Qwen2_5_VLForConditionalGeneration(tiny_config(**dims)), processor, folder)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(tiny_config(**dims))
+    # the hub's, not one derived from config.json: it also ends a reply at <|endoftext|>
+    model.generation_config = transformers.GenerationConfig.from_pretrained(HUB)
+    return M.save(model, processor, folder)
 
 
 if __name__ == "__main__":
