@@ -1,6 +1,7 @@
 """Multiple-choice accuracy under every intervention: one forward pass per (sample, intervention), the
 answer distribution being the softmax over the option letters' next-token logits after the prompt.
-Writes OUT/predictions.jsonl (SPEC section 5) and prints accuracy per source x intervention.
+Writes OUT/predictions.jsonl (SPEC section 5) and OUT/run.json (what determines the numbers: a run into
+an OUT of other settings is refused, --resume continues only the same settings, --overwrite replaces).
   python evaluate.py --model out/toy/vanilla --data data/toy/test.jsonl --out out/eval
   torchrun --nproc_per_node 4 evaluate.py --model llava-1.5-7b --data data/mmlu/test.jsonl --out out/mmlu
 """
@@ -19,6 +20,10 @@ import perturb
 
 
 _last_print = [0.0]
+
+
+class RunError(ValueError):
+    """A run that must not start or go on; the message names the file or flag, and what to do."""
 
 
 def progress(done, total, t0, unit="samples", extra="", every=30.0):
@@ -46,23 +51,36 @@ def rng_for(seed, sample, name):
 def load_data(paths, interventions, ri_folder=None):
     """Samples of all files (ids unique across them) and the (sample, intervention) jobs, in file order."""
     samples, where, free = [], {}, 0
-    for path in [perturb.data_file(q, "test") for q in paths]:
-        for s in perturb.load_samples(path):
+    paths = [perturb.data_file(q, "test") for q in paths]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise RunError(f"{path}: no such file (pass JSONL files, or folders holding a test.jsonl)")
+        for s in perturb.load_samples(path, decode=True):  # a bad image stops us before the model loads
             if s["options"] is None:  # an instruction sample: no option letters to score
                 free += 1
                 continue
             if s["id"] in where:
-                raise ValueError(f"{path}: id {s['id']!r} also appears in {where[s['id']]}; ids must be unique "
+                raise RunError(f"{path}: id {s['id']!r} also appears in {where[s['id']]}; ids must be unique "
                                  "across the evaluated files")
             where[s["id"]] = path
             samples.append(s)
     if free:
         print(f"skipped {free} instruction samples (free-form answers, no options to score)", file=sys.stderr)
+    if not samples:
+        raise RunError(f"{', '.join(paths)}: no sample with options to score (instruction samples are skipped): "
+                       "pass multiple-choice data")
     jobs = [(s, n) for s in samples for n in perturb.interventions_for(s["task"]) if n in interventions]
+    if not jobs:
+        tasks = {s["task"] for s in samples}
+        names = [n for n in perturb.APPLIES if tasks & set(perturb.APPLIES[n])]
+        raise RunError(f"--interventions {' '.join(interventions)} apply to none of the data's tasks "
+                       f"({', '.join(sorted(tasks))}): pick from {' '.join(names)}")
     ri_images = None
     if any(n == "ri" for _, n in jobs):
+        if ri_folder is not None and not os.path.isdir(ri_folder):
+            raise RunError(f"{ri_folder}: no such folder (pass a folder of images to --ri-folder)")
         if ri_folder is None and not any(s["task"] == "image_heavy" for s in samples):
-            raise ValueError("intervention ri needs real images: pass --ri-folder, add an image-heavy file to "
+            raise RunError("intervention ri needs real images: pass --ri-folder, add an image-heavy file to "
                              "--data, or leave ri out of --interventions")
         ri_images = perturb.ri_pool(samples, ri_folder)
     return jobs, ri_images
@@ -76,10 +94,21 @@ def make_batches(jobs, batch_size, apply):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def context_length(model):
+    """The language model's context in tokens (None where its config does not say)."""
+    return getattr(getattr(model.config, "text_config", model.config), "max_position_embeddings", None)
+
+
 @torch.no_grad()
-def score(model, processor, samples, letter_ids):
+def score(model, processor, samples, letter_ids, max_length=None):
     """Answer distributions over the option letters, one list of probabilities per sample."""
-    batch = M.collate(processor, samples, train=False)
+    try:
+        batch = M.collate(processor, samples, train=False, max_length=max_length)
+    except ValueError as e:  # past the context the positions are untrained: the numbers would mean nothing
+        if "max_length" not in str(e):
+            raise
+        raise RunError(f"{e}; max_length is the language model's context (max_position_embeddings): shorten "
+                       "that sample or leave it out") from None
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in M.model_inputs(batch).items()}
     last = batch["attention_mask"].sum(1) - 1                 # right padding: the prompt's last token
@@ -94,10 +123,76 @@ def read_predictions(path):
     rows = []
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.endswith("\n"):
-                    rows.append(json.loads(line))
+            for lineno, line in enumerate(f, 1):
+                if not line.endswith("\n") or not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    row = e
+                if not isinstance(row, dict) or not {"id", "intervention"} <= row.keys():
+                    raise RunError(f"{path}:{lineno}: not a predictions line ({row}): delete the line to score "
+                                   "it again, or pass --overwrite to start over")
+                rows.append(row)
     return rows
+
+
+def settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dtype):
+    """What determines the predictions, kept in OUT/run.json: a resume must match all of it, or one file
+    would mix two runs' numbers. Not the batch size: padding is masked, so it changes float noise only
+    (and a smaller batch is how a run that ran out of memory goes on). The dtype does count."""
+    files = [perturb.data_file(q, "test") for q in data]
+    return dict(M.identity(model_name), data={os.path.abspath(q): perturb.sha256(q) for q in files},
+                interventions=[n for n in perturb.APPLIES if n in interventions], seed=seed, pool=pool,
+                k_facts=k_facts, ri_folder=ri_folder and os.path.abspath(ri_folder), dtype=dtype and str(dtype))
+
+
+def differences(saved, now):
+    """'name: X before, Y now' per setting that differs; for a table (data, weights) per entry."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if a != b and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k} {f}: {a.get(f)} before, {b.get(f)} now"
+                    for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+        elif a != b:
+            out.append(f"{k}: {a!r} before, {b!r} now")
+    return out
+
+
+def check_out(out, now, resume, overwrite):
+    """The rows of OUT/predictions.jsonl to keep. Predictions of other settings are refused: a fresh run
+    would silently replace them, a resume would mix them with ours; --overwrite replaces them."""
+    path, saved_path = os.path.join(out, "predictions.jsonl"), os.path.join(out, "run.json")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"{out}: --out is a file, not a folder (choose another --out)")
+    if overwrite or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return []
+    try:
+        with open(saved_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = None
+    if saved != now:
+        why = "; ".join(differences(saved, now)) if isinstance(saved, dict) else \
+            f"{saved_path} is missing or unreadable, so which settings made them is unknown"
+        raise RunError(f"{path} holds predictions of other settings ({why}): pass --overwrite to replace them "
+                       f"(and the diagnosis.json beside them), or choose another --out")
+    return read_predictions(path) if resume else []
+
+
+def start_out(out, now, previous):
+    """Write run.json and what we keep of the predictions; remove the diagnosis of the old file."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        if os.path.exists(os.path.join(out, "diagnosis.json")):  # it describes the old predictions
+            os.remove(os.path.join(out, "diagnosis.json"))
+        with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
+            json.dump(now, f, indent=1)
+        with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:  # a cut last line goes
+            f.writelines(json.dumps(r) + "\n" for r in previous)
+    except OSError as e:
+        raise RunError(f"{out}: cannot write there ({e.strerror}): choose a writable --out") from None
 
 
 def accuracy_table(rows):
@@ -114,38 +209,51 @@ def accuracy_table(rows):
 
 
 def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=8, seed=0, pool="eval",
-        ri_folder=None, resume=False, dtype=None, device=None, k_facts=10, loaded=None):
-    """Evaluate and write OUT/predictions.jsonl; returns its rows. Works alone or under torchrun."""
+        ri_folder=None, resume=False, dtype=None, device=None, k_facts=10, loaded=None, overwrite=False):
+    """Evaluate and write OUT/predictions.jsonl; returns its rows. Works alone or under torchrun.
+    Arguments, data and --out are checked before the model loads; problems raise RunError (or DataError)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     master = rank == 0
+    if batch_size < 1:
+        raise RunError(f"--batch-size {batch_size}: must be at least 1")
+    if resume and overwrite:
+        raise RunError("--resume continues the predictions in --out and --overwrite replaces them: pass one")
+    jobs, ri_images = load_data(data, interventions, ri_folder)
+    now = settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dtype)
+    verdict, previous = [None, set()], []
+    if master:
+        try:
+            previous = check_out(out, now, resume, overwrite)
+            start_out(out, now, previous)
+            verdict[1] = {(r["id"], r["intervention"]) for r in previous}
+        except RunError as e:
+            verdict[0] = str(e)
+    if world > 1:
+        dist.broadcast_object_list(verdict)
+    if verdict[0]:
+        raise RunError(verdict[0])
+    done = verdict[1]
     model, processor = loaded or M.load(model_name, dtype=dtype, device=device)
     model.eval()
     size = M.image_size(processor)
-    jobs, ri_images = load_data(data, interventions, ri_folder)
 
     def apply(s, name, size=size):
         return perturb.perturb(s, name, rng_for(seed, s, name), size=size, pool=pool, ri_images=ri_images, k=k_facts)
 
     batches = make_batches(jobs, batch_size, apply)
     path = os.path.join(out, "predictions.jsonl")
-    previous = read_predictions(path) if resume and master else []
-    done = [{(r["id"], r["intervention"]) for r in previous}]
-    if world > 1:
-        dist.broadcast_object_list(done)
-    done = done[0]
     todo = [b for b in batches if not all((jobs[i][0]["id"], jobs[i][1]) in done for i in b)]
+    todo = todo[-1:] + todo[:-1]  # the longest batch first: a sample past the context, or memory, fails at once
     letter_ids = M.option_token_ids(processor, max(len(s["options"]) for s, _ in jobs))
-    if master:
-        os.makedirs(out, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:  # rewrite what we keep, so a cut last line goes away
-            f.writelines(json.dumps(r) + "\n" for r in previous)
+    max_length = context_length(model)
     t0, n_done, n_total = time.time(), 0, sum(len(b) for b in todo)
     for start in range(0, len(todo), world):
         mine = todo[start + rank] if start + rank < len(todo) else []
         new = []
         if mine:
             chosen = [apply(*jobs[i]) for i in mine]
-            for (s, name), probs in zip([jobs[i] for i in mine], score(model, processor, chosen, letter_ids)):
+            probs_of = score(model, processor, chosen, letter_ids, max_length)
+            for (s, name), probs in zip([jobs[i] for i in mine], probs_of):
                 new.append({"id": s["id"], "task": s["task"], "source": s["source"], "intervention": name,
                             "probs": probs, "pred": max(range(len(probs)), key=probs.__getitem__),
                             "answer": s["answer"],
@@ -194,12 +302,18 @@ def main(argv=None):
     p.add_argument("--pool", default="eval", choices=["train", "eval"], help="UF/MD wordings: held-out by default")
     p.add_argument("--k-facts", type=int, default=10, help="unrelated facts prepended by UF")
     p.add_argument("--ri-folder", default=None, help="real images for RI (default: the data's image-heavy images)")
-    p.add_argument("--resume", action="store_true", help="skip (id, intervention) pairs already in predictions")
+    p.add_argument("--resume", action="store_true", help="skip (id, intervention) pairs already in predictions "
+                   "(only a run of the same settings, see OUT/run.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace predictions of other settings in --out "
+                   "(and the diagnosis.json beside them)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     _, device, dtype = setup(args.dtype)
-    rows = run(args.model, args.data, args.out, args.interventions, args.batch_size, args.seed, args.pool,
-               args.ri_folder, args.resume, dtype, device, args.k_facts)
+    try:
+        rows = run(args.model, args.data, args.out, args.interventions, args.batch_size, args.seed, args.pool,
+                   args.ri_folder, args.resume, dtype, device, args.k_facts, overwrite=args.overwrite)
+    except (RunError, perturb.DataError, FileNotFoundError, NotADirectoryError) as e:  # written for people
+        sys.exit(f"error: {e}")
     if rows is not None:
         print(accuracy_table(rows))
         print(f"wrote {os.path.join(args.out, 'predictions.jsonl')}")

@@ -6,6 +6,7 @@ Run all tests: python -m pytest -q test_*.py
 import copy
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import random
 import re
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -465,6 +467,78 @@ def test_load_image_handles_paths_pil_images_and_missing_files(tmp_path):
             perturb.load_image({"id": "sample-9", "image": str(tmp_path / name)})
 
 
+def test_a_16_bit_grayscale_png_loads_as_its_top_8_bits(tmp_path):
+    values = np.arange(0, 65536, 4369, dtype=np.uint16).reshape(4, 4)  # a gradient 0 .. 65535
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")  # PIL reads it as 16-bit
+    got = np.asarray(perturb.load_image({"id": "g", "image": str(tmp_path / "g16.png")}))
+    assert (got == (values >> 8).astype(np.uint8)[:, :, None]).all()  # the choice documented in to_rgb
+    as_float = Image.fromarray(values.astype(np.float32) / 65535)  # mode F, 0..1
+    assert np.asarray(perturb.load_image({"id": "f", "image": as_float}))[3, 3, 0] == 255
+
+
+def test_load_samples_keeps_image_paths_inside_the_data_folder_or_image_root(tmp_path):
+    row = _rows(tmp_path)[0]
+    other = _image(tmp_path.parent / f"{tmp_path.name}-elsewhere" / "x.png")
+    (tmp_path / "images" / "link.png").symlink_to(other)
+    for image in ("../../../../etc/passwd", str(other), "images/../../x.png"):
+        path = _write(tmp_path, [_rows(tmp_path)[1], {**row, "image": image}])
+        with pytest.raises(DataError, match=rf"^{re.escape(path)}:2: image .* outside .*image_root"):
+            perturb.load_samples(path)
+    path = _write(tmp_path, [_rows(tmp_path)[1], {**row, "image": str(other)}])
+    assert perturb.load_samples(path, image_root=other.parent)[1]["image"] == str(other.resolve())
+    # a symlink the user put inside the folder (a dataset kept on another disk) is followed
+    path = _write(tmp_path, [_rows(tmp_path)[1], {**row, "image": "images/link.png"}])
+    assert perturb.load_samples(path)[1]["image"] == str(other.resolve())
+
+
+def test_load_samples_rejects_image_tokens_in_question_or_options(tmp_path):
+    row = _rows(tmp_path)[0]
+    for token in ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"):
+        for bad in ({**row, "question": f"{token}\nWhat is shown?"}, {**row, "options": ["cat", f"dog {token}"]}):
+            path = _write(tmp_path, [_rows(tmp_path)[1], bad])
+            with pytest.raises(DataError, match=rf"^{re.escape(path)}:2: sample 'a': .*{re.escape(token)}"):
+                perturb.load_samples(path)
+
+
+def test_load_samples_accepts_a_utf8_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in _rows(tmp_path)).encode("utf-8"))
+    assert [s["id"] for s in perturb.load_samples(str(path))] == ["a", "b", "c"]
+
+
+def _bomb_png(path):
+    """A PNG whose header claims 20000 x 20000 pixels, over twice PIL's decompression-bomb limit."""
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    ihdr = (20000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_load_samples_decode_names_the_line_and_sample_of_a_bad_image(tmp_path):
+    rows = _rows(tmp_path)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    (tmp_path / "images" / "cut.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "images" / "junk.png").write_bytes(b"not an image at all")
+    _bomb_png(tmp_path / "images" / "bomb.png")
+    for name in ("cut.png", "junk.png", "bomb.png"):
+        path = _write(tmp_path, [rows[0], rows[2], {**rows[1], "id": "bad", "image": f"images/{name}"}])
+        assert len(perturb.load_samples(path)) == 3  # without decode only paths are checked
+        with pytest.raises(DataError, match=rf"^{re.escape(path)}:3: the image of sample 'bad' cannot be decoded"):
+            perturb.load_samples(path, decode=True)
+        assert not perturb.readable_image(tmp_path / "images" / name)
+        with pytest.raises(DataError, match=name):
+            perturb.load_image({"id": "bad", "image": str(tmp_path / "images" / name)})
+    many = [{**rows[1], "id": f"ok-{i}", "image": str(_image(tmp_path / "many" / f"{i}.png"))} for i in range(40)]
+    (tmp_path / "many" / "7.png").write_bytes(b"junk")  # enough images for the thread pool
+    with pytest.raises(DataError, match=r":8: the image of sample 'ok-7' .*\(replace the image"):
+        perturb.load_samples(_write(tmp_path, many), decode=True)
+
+
 # ---- model -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -783,6 +857,141 @@ def test_diagnose_reports_bad_predictions_with_their_line(tmp_path, edit, line, 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=re.escape(f"{path}:{line}: ") + message):
         diagnose.read(str(path))
+
+
+def test_evaluate_refuses_an_out_of_other_settings_unless_overwrite(tiny, tmp_path):
+    import evaluate
+    m, p, folder = tiny("llava")
+    data = _write_dataset(str(tmp_path / "data"), n=1)
+    out = tmp_path / "out"
+    evaluate.run(folder, [data], str(out), interventions=["orig"], loaded=(m, p))
+    first = (out / "predictions.jsonl").read_text()
+    (out / "diagnosis.json").write_text("{}")  # diagnose.py ran on the first predictions
+    with pytest.raises(evaluate.RunError, match="holds predictions of other settings .seed: 0 before, 1 now.*--overw"):
+        evaluate.run(folder, [data], str(out), interventions=["orig"], seed=1, loaded=(m, p))
+    assert (out / "predictions.jsonl").read_text() == first and (out / "diagnosis.json").exists()
+    rows = evaluate.run(folder, [data], str(out), interventions=["orig"], seed=1, overwrite=True, loaded=(m, p))
+    assert len(rows) == 3 and _read_jsonl(out / "predictions.jsonl") == rows
+    assert not (out / "diagnosis.json").exists() and json.loads((out / "run.json").read_text())["seed"] == 1
+
+
+def test_evaluate_resume_refuses_another_model_seed_or_data(tiny, tmp_path):
+    import shutil
+    import evaluate
+    m, p, folder = tiny("llava")
+    data = _write_dataset(str(tmp_path / "data"), n=1)
+    model, out = str(tmp_path / "model"), str(tmp_path / "out")
+    shutil.copytree(folder, model)
+    evaluate.run(model, [data], out, interventions=["orig"], loaded=(m, p))
+    full = open(os.path.join(out, "predictions.jsonl")).read()
+
+    def resume(**kw):
+        return evaluate.run(kw.pop("model", model), [data], out, ["orig"], resume=True, loaded=(m, p), **kw)
+    with pytest.raises(evaluate.RunError, match=f"model: '{re.escape(model)}' before, '{re.escape(folder)}' now"):
+        resume(model=folder)
+    with pytest.raises(evaluate.RunError, match="seed: 0 before, 1 now"):
+        resume(seed=1)
+    os.utime(os.path.join(model, "model.safetensors"), ns=(0, 0))  # trained again into the same folder
+    with pytest.raises(evaluate.RunError, match=r"weights model.safetensors: \[\d+, \d+\] before, \[\d+, 0\] now"):
+        resume()
+    shutil.copy2(os.path.join(folder, "model.safetensors"), model)
+    resume(batch_size=1)  # the batch size changes float noise only
+    assert open(os.path.join(out, "predictions.jsonl")).read() == full
+    rows = _read_jsonl(data)
+    rows[0]["answer"] = 1  # the same ids, other data
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with pytest.raises(evaluate.RunError, match=f"data {re.escape(os.path.abspath(data))}: [0-9a-f]+ before"):
+        resume()
+
+
+def test_evaluate_refuses_a_sample_past_the_language_models_context(tiny, tmp_path):
+    import evaluate
+    _, _, folder = tiny("llava")
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps(dict(id="txt-long", task="text_heavy", image=None, source="sums", answer=0,
+                                    question="How many is" + " one" * 6000 + " ?", options=["1", "2"])) + "\n")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", folder, "--data", str(data), "--out", str(tmp_path / "out"), "--interventions",
+                       "orig"])
+    assert re.fullmatch(r"error: sample 'txt-long': \d+ tokens.* max_length=4096.*max_position_embeddings.*",
+                        str(e.value.code))
+
+
+def _only_instructions(tmp_path, data):
+    rows = [dict(r, task="vqa", options=None, answer="red") for r in _read_jsonl(data) if r["task"] == "vqa"]
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return []
+
+
+def _bad_line_on_resume(tmp_path, data, tiny):
+    import evaluate
+    m, p, folder = tiny("llava")
+    evaluate.run(folder, [data], str(tmp_path / "out"), interventions=["orig"], dtype=torch.float32, loaded=(m, p))
+    path = tmp_path / "out" / "predictions.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + '{"id": "txt-0", "interv\n' + "".join(lines[2:]))  # a hand edit gone wrong
+    return ["--resume", "--dtype", "float32"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("instructions", r"error: .*test.jsonl: no sample with options to score"),
+    ("interventions", r"error: --interventions md apply to none of the data's tasks \(text_heavy\): pick from orig rp"),
+    ("batch size", r"error: --batch-size 0: must be at least 1"),
+    ("out is a file", r"error: .*out: --out is a file"),
+    ("out under a file", r"error: .*out/sub: cannot write there"),
+    ("bad line on resume", r"error: .*predictions.jsonl:2: not a predictions line"),
+])
+def test_evaluate_stops_in_one_line_before_loading_the_model(tiny, tmp_path, monkeypatch, case, message):
+    import evaluate
+    data = _write_dataset(str(tmp_path / "data"), n=1)
+    _, _, folder = tiny("llava")
+    out, extra = str(tmp_path / "out"), ["--interventions", "orig"]
+    if case == "instructions":
+        _only_instructions(tmp_path, data)
+    if case == "interventions":
+        rows = [r for r in _read_jsonl(data) if r["task"] == "text_heavy"]
+        with open(data, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        extra = ["--interventions", "md"]
+    if case == "batch size":
+        extra += ["--batch-size", "0"]
+    if case.startswith("out "):
+        (tmp_path / "out").write_text("not a folder")
+        out = out if case == "out is a file" else os.path.join(out, "sub")
+    if case == "bad line on resume":
+        extra += _bad_line_on_resume(tmp_path, data, tiny)
+    monkeypatch.setattr(M, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", folder, "--data", data, "--out", out] + extra)
+    assert re.match(message, str(e.value.code)) and "\n" not in str(e.value.code)
+
+
+def test_diagnose_writes_one_diagnosis_per_input_file(tmp_path):
+    import diagnose
+    rows = _handmade()
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "y.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["source"] == "qa"))
+    diagnose.main([str(tmp_path / "x.jsonl"), str(tmp_path / "y.jsonl")])
+    x, y = (json.loads((tmp_path / f"{n}.diagnosis.json").read_text()) for n in "xy")
+    assert set(x) == {"cls", "qa"} and set(y) == {"qa"} and x["qa"] == y["qa"]
+    assert not (tmp_path / "diagnosis.json").exists()
+
+
+def test_diagnose_names_two_runs_by_their_paths_shows_n_and_warns_of_other_samples(tmp_path, capsys):
+    import diagnose
+    paths = []
+    for name, rows in (("vanilla", _handmade()), ("ours", [r for r in _handmade() if r["id"] != "c"])):
+        paths.append(tmp_path / name / "eval" / "predictions.jsonl")
+        paths[-1].parent.mkdir(parents=True)
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    diagnose.main([str(q) for q in paths])
+    out, err = capsys.readouterr()
+    assert ("| source | intervention | acc vanilla | acc ours | delta_cp vanilla | delta_cp ours | n vanilla | n ours |"
+            in out)
+    assert "| cls | md | 0.0 | 0.0 | 0.667 | 1.000 | 3 | 2 |" in out  # a and b flip in both; c only in vanilla
+    assert "warning: the runs cover different samples" in err and "cls: 1 samples only in vanilla (c)" in err
 
 
 # ---- the toy world ---------------------------------------------------------------------------------------
