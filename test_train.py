@@ -5,6 +5,8 @@ Run all tests: python -m pytest -q test_*.py
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -158,6 +160,118 @@ def test_a_killed_run_resumes_with_the_same_losses(toy, tmp_path):
     assert (tmp_path / "cut" / "ckpt-00000030").exists()
 
 
+def _no_model(*a, **k):
+    pytest.fail("the model was loaded before the refusal")
+
+
+def test_resume_skips_a_damaged_checkpoint_and_never_touches_other_folders(toy, tmp_path, monkeypatch, capsys):
+    data, models = toy
+    out = tmp_path / "run"
+    argv = ["--model", models["llava"], "--data", data, "--out", str(out), "--max-steps", "4", "--save-every", "1",
+            "--lr", "1e-3", "--eps", "0.05", "--no-export"]
+    _train(argv, monkeypatch)
+    assert sorted(os.listdir(out)) == ["ckpt-00000003", "ckpt-00000004", "metrics.jsonl"]  # the last 2 kept
+    whole = _metrics(out)
+    shutil.copytree(out / "ckpt-00000003", out / "ckpt-best")  # the user's copy: never chosen, never pruned
+    optim = out / "ckpt-00000004" / "optim.rank0.pt"
+    optim.write_bytes(optim.read_bytes()[:100])  # truncated, as by a full disk or a bad copy
+    capsys.readouterr()
+    _train(argv + ["--resume"], monkeypatch)
+    io = capsys.readouterr()
+    assert f"{out}/ckpt-00000004 is damaged (optim.rank0.pt has 100 bytes" in io.err
+    assert f"resumed from {out}/ckpt-00000003 at step 3" in io.out
+    assert sorted(os.listdir(out)) == ["ckpt-00000003", "ckpt-00000004", "ckpt-best", "metrics.jsonl"]
+    assert [r["step"] for r in _metrics(out)] == [0, 1, 2, 3]
+    assert _metrics(out)[3]["loss"] == pytest.approx(whole[3]["loss"], rel=1e-6)
+
+
+def test_a_fresh_run_replaces_an_exported_model_only_with_overwrite(toy, tmp_path, monkeypatch):
+    data, models = toy
+    out = str(tmp_path / "out")
+    _train(["--model", models["qwen2.5-vl"], "--data", data, "--out", out, "--preset", "vanilla"], monkeypatch)
+    llava = ["--model", models["llava"], "--data", data, "--out", out, "--preset", "vanilla"]
+    with pytest.raises(SystemExit, match=r"holds an earlier run \(config.json, model.safetensors\): pass --resume "
+                                         r"to continue it, --overwrite to replace it"):
+        _train(llava, monkeypatch)
+    assert transformers.AutoConfig.from_pretrained(out).model_type == "qwen2_5_vl"  # untouched
+    _train(llava + ["--overwrite"], monkeypatch)
+    assert set(os.listdir(out)) == set(os.listdir(models["llava"])) | {"metrics.jsonl"}  # no file of qwen's left
+    assert transformers.AutoConfig.from_pretrained(out).model_type == "llava"
+
+
+def test_a_resume_with_other_settings_is_refused_naming_the_difference(toy, tmp_path, monkeypatch):
+    data, models = toy
+    argv = ["--model", models["llava"], "--data", data, "--out", str(tmp_path / "run"), "--max-steps", "2",
+            "--save-every", "1", "--lr", "1e-3", "--eps", "0.05", "--no-export"]
+    _train(argv, monkeypatch)
+    lines = open(data).read().splitlines()
+    reordered = os.path.join(os.path.dirname(data), "reordered.jsonl")  # beside the images it refers to
+    open(reordered, "w").write("\n".join(lines[1:] + lines[:1]) + "\n")
+    with monkeypatch.context() as m:
+        m.setattr(M, "load", _no_model)
+        for extra, message in [(["--lr", "1e-4"], "--lr 0.001 then, 0.0001 now"),
+                               (["--seed", "1", "--batch-size", "4"],
+                                "--batch-size 8 then, 4 now; --seed 2024 then, 1 now"),
+                               (["--max-steps", "3"], "--max-steps 2 then, 3 now"),
+                               (["--model", models["qwen2.5-vl"]], f"--model {models['llava']} then, "
+                                                                   f"{models['qwen2.5-vl']} now"),
+                               (["--data", reordered], "--data sha256 [")]:
+            with pytest.raises(SystemExit, match=re.escape(message)):
+                _train(argv + extra + ["--resume"], monkeypatch)
+    _train(argv + ["--resume", "--save-every", "5", "--keep-checkpoints", "3", "--max-bad-steps", "1"], monkeypatch)
+
+
+def test_a_run_that_would_train_nothing_or_start_over_is_refused(toy, tmp_path, monkeypatch):
+    data, models = toy
+    monkeypatch.setattr(M, "load", _no_model)
+    common = ["--model", models["llava"], "--data", data, "--out", str(tmp_path / "out")]
+    for extra, message in [(["--max-steps", "0"], "error: --max-steps 0 trains nothing"),
+                           (["--max-steps", "-3"], "error: --max-steps -3 trains nothing"),
+                           (["--epochs", "0"], "error: --epochs 0 trains nothing"),
+                           (["--resume"], f"error: --resume: {tmp_path / 'out'} holds no checkpoint")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            _train(common + extra, monkeypatch)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_flags_and_an_out_that_is_a_file_fail_in_one_line_before_the_model_loads(toy, tmp_path, monkeypatch):
+    data, models = toy
+    monkeypatch.setattr(M, "load", _no_model)
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    n = len(perturb.unrelated_facts("train"))
+    for extra, message in [(["--k-facts", "0"], f"error: --k-facts 0: UF prepends 1 to {n} facts"),
+                           (["--k-facts", str(n + 1)], f"error: --k-facts {n + 1}: UF prepends 1 to {n} facts"),
+                           (["--keep-checkpoints", "0"], "error: --keep-checkpoints must be at least 1"),
+                           (["--out", str(a_file)], f"error: --out {a_file}: {a_file} is a file"),
+                           (["--out", str(a_file / "run")], f"error: --out {a_file / 'run'}: {a_file} is a file")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path / "out")] + extra, monkeypatch)
+
+
+def test_a_full_disk_during_a_checkpoint_stops_in_one_line_and_the_run_resumes(toy, tmp_path, monkeypatch):
+    data, models = toy
+    out = tmp_path / "run"
+    argv = ["--model", models["llava"], "--data", data, "--out", str(out), "--max-steps", "3", "--save-every", "1",
+            "--lr", "1e-3", "--no-export"]
+    save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "ckpt-00000002" in str(f) and "optim" in str(f):  # what torch.save raises when the disk fills
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")
+        return save(obj, f, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_disk)
+        with pytest.raises(SystemExit, match=re.escape(f"error: {out}/.tmp-ckpt-00000002/optim.rank0.pt: no space "
+                                                       f"left on device")):
+            _train(argv, monkeypatch)
+    assert "ckpt-00000001" in os.listdir(out) and "ckpt-00000002" not in os.listdir(out)
+    _train(argv + ["--resume"], monkeypatch)
+    assert [r["step"] for r in _metrics(out)] == [0, 1, 2]
+    assert sorted(os.listdir(out)) == ["ckpt-00000002", "ckpt-00000003", "metrics.jsonl"]
+
+
 def test_bad_training_data_fails_before_training_naming_the_line(toy, tmp_path):
     data, models = toy
     lines = open(data).read().splitlines()
@@ -199,7 +313,7 @@ def test_accumulation_and_activation_checkpointing_leave_the_step_unchanged(toy,
 def test_any_batch_size_trains_every_task_in_its_ratio(toy, tmp_path, monkeypatch, batch):
     data, models = toy
     g = _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path), "--batch-size", str(batch),
-                "--epochs", "0", "--no-export"], monkeypatch)
+                "--preset", "vanilla", "--no-export"], monkeypatch)
     seen = {"image_heavy": 0, "text_heavy": 0, "vqa": 0}
     for step in range(24):
         for s in g["originals"](step):
@@ -249,13 +363,13 @@ def test_an_epoch_ends_when_the_smallest_pool_has_been_seen_once(toy, tmp_path, 
     data, models = toy
     train = os.path.join(os.path.dirname(data), "train.jsonl")  # 4 samples of each task
     common = ["--model", models["llava"], "--data", train, "--batch-size", "2", "--no-export", "--out"]
-    g = _train(common + [str(tmp_path / "a"), "--epochs", "0"], monkeypatch)
+    g = _train(common + [str(tmp_path / "a"), "--preset", "vanilla"], monkeypatch)
     # per step 2 originals: image-heavy and text-heavy 2 * 0.25 each, VQA 2 * 0.5
     assert g["steps_per_epoch"] == math.ceil(4 / (2 * 0.5)) == 4
     assert "one pass over the smallest pool takes 4 steps, over the largest 8" in capsys.readouterr().out
     vqa = {s["id"] for step in range(4) for s in g["originals"](step) if s["task"] == "vqa"}
     assert len(vqa) == 4  # the epoch saw every VQA sample
-    g = _train(common + [str(tmp_path / "b"), "--epochs", "0", "--epoch-end", "largest"], monkeypatch)
+    g = _train(common + [str(tmp_path / "b"), "--preset", "vanilla", "--epoch-end", "largest"], monkeypatch)
     assert g["steps_per_epoch"] == math.ceil(4 / (2 * 0.25)) == 8
     images = {s["id"] for step in range(8) for s in g["originals"](step) if s["task"] == "image_heavy"}
     assert len(images) == 4

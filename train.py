@@ -6,12 +6,14 @@ One process, or FSDP2 under torchrun; every default below is a flag, and --prese
   torchrun --nproc_per_node 4 train.py --model llava-1.5-7b --data data/caltech101 data/mmlu ... --out out/7b
 """
 import argparse
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import socket
@@ -21,6 +23,7 @@ from fractions import Fraction
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -53,7 +56,12 @@ p.add_argument("--out", default="out/train", help="the output Hugging Face folde
 p.add_argument("--save-every", type=int, default=500, help="steps between resumable checkpoints (0: none)")
 p.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                help="write the trained model to --out as a Hugging Face folder at the end")
-p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+p.add_argument("--keep-checkpoints", type=int, default=2,
+               help="checkpoints kept in --out: more than one, so a damaged newest one leaves the one before it")
+p.add_argument("--resume", action="store_true",
+               help="continue from the newest intact checkpoint in --out, with the same settings")
+p.add_argument("--overwrite", action="store_true",
+               help="let a fresh run replace the earlier run in --out: its checkpoints and exported model")
 # data
 p.add_argument("--ratio-image", type=float, default=0.25, help="share of image-heavy originals per batch")
 p.add_argument("--ratio-text", type=float, default=0.25, help="share of text-heavy originals; VQA takes the rest")
@@ -91,7 +99,6 @@ p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalActi
                help="recompute activations in backward (default: on for GPU, as the authors trained)")
 p.add_argument("--seed", type=int, default=2024)
 p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite losses in a row")
-p.add_argument("--trust-remote-code", action="store_true")
 p.add_argument("--profile", action="store_true",
                help="time each phase of a step (synchronising the GPU) and record peak memory in metrics.jsonl")
 p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
@@ -101,9 +108,52 @@ p.set_defaults(**PRESETS[preset])
 args = p.parse_args()
 if args.eps is None:
     args.eps = 1e-4 if "13b" in args.model.lower() else 1e-3
-if not args.resume and os.path.isdir(args.out) and any(d.startswith("ckpt-") for d in os.listdir(args.out)):
-    sys.exit(f"error: {args.out} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
-             f"another --out (a fresh run there would delete them)")
+
+# ---- refusals: a flag or an --out that would waste the run or the user's files fails here, in one line -----
+CKPT = re.compile(r"ckpt-\d{8}")  # the only folders resume reads and pruning deletes: a user's ckpt-best is theirs
+EXPORT = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def checkpoints():
+    """This run's checkpoint folders, oldest first (8 digits: names sort as steps)."""
+    if not os.path.isdir(args.out):
+        return []
+    return sorted(d for d in os.listdir(args.out) if CKPT.fullmatch(d) and os.path.isdir(os.path.join(args.out, d)))
+
+
+if args.batch_size < 1 or args.grad_accum < 1:  # every rank's every micro-step needs a row to collate
+    sys.exit("error: --batch-size and --grad-accum must be at least 1 (1 works: tasks take turns over steps)")
+if args.keep_checkpoints < 1 or args.save_every < 0:
+    sys.exit("error: --keep-checkpoints must be at least 1 and --save-every at least 0 (0: no checkpoints)")
+# zero steps would export the untrained model as if it were trained; only the vanilla preset means that
+if args.max_steps is not None and args.max_steps <= 0 and not (args.max_steps == 0 and args.preset == "vanilla"):
+    sys.exit(f"error: --max-steps {args.max_steps} trains nothing: pass a positive number "
+             f"(--preset vanilla exports the base model on purpose)")
+if args.max_steps is None and args.epochs <= 0:
+    sys.exit(f"error: --epochs {args.epochs:g} trains nothing: pass a positive number (or --max-steps)")
+n_facts = len(perturb.unrelated_facts("train"))
+if not 1 <= args.k_facts <= n_facts:
+    sys.exit(f"error: --k-facts {args.k_facts}: UF prepends 1 to {n_facts} facts (the train pool of "
+             f"{perturb.FACTS_FILE})")
+parent = os.path.abspath(args.out)
+while not os.path.exists(parent):  # the folder that --out will be made in
+    parent = os.path.dirname(parent)
+if not os.path.isdir(parent):
+    sys.exit(f"error: --out {args.out}: {parent} is a file, not a folder: choose another --out")
+if not os.access(parent, os.W_OK | os.X_OK):
+    sys.exit(f"error: --out {args.out}: {parent} is not writable: choose another --out")
+old_export = [f for f in EXPORT if os.path.exists(os.path.join(args.out, f))]
+earlier = checkpoints() + old_export
+if earlier and not args.resume and not args.overwrite:
+    sys.exit(f"error: {args.out} holds an earlier run ({', '.join(earlier[-2:])}): pass --resume to continue it, "
+             f"--overwrite to replace it, or choose another --out")
+if args.resume and not checkpoints():  # a mistyped --out would otherwise start from scratch without a word
+    sys.exit(f"error: --resume: {args.out} holds no checkpoint (ckpt-NNNNNNNN): check --out, or drop --resume")
+replacing = args.overwrite and not args.resume
+try:
+    M.where(args.model)  # a mistyped local path fails now, not after the data are decoded
+except (FileNotFoundError, NotADirectoryError) as e:
+    sys.exit(f"error: --model {e}")
 
 # ---- distributed setup: torchrun's environment decides -----------------------------------------------------
 if "RANK" not in os.environ:  # plain `python train.py`: a group of one, so that one code path serves both
@@ -134,7 +184,7 @@ def all_sum(t):
 # ---- data: bad files fail here, before any model is loaded ------------------------------------------------
 paths = [perturb.data_file(d, "train") for d in args.data]
 try:
-    samples = [s for path in paths for s in perturb.load_samples(path)]
+    samples = [s for path in paths for s in perturb.load_samples(path, decode=True)]  # a broken image too
 except (perturb.DataError, FileNotFoundError) as e:  # messages written for people: file, line, what to do
     sys.exit(f"error: {e}")
 # exact fractions: in floats ceil(100 * 0.55) is 56, and the schedule would drift from the ratios
@@ -143,10 +193,8 @@ ratios = {"image_heavy": image, "text_heavy": text, "vqa": max(Fraction(0), 1 - 
 pools = {t: [s for s in samples if s["task"] == t] for t in ratios if ratios[t] > 0}
 pools = {t: pool for t, pool in pools.items() if pool}
 if not pools:
-    sys.exit(f"no training samples for the tasks with a positive ratio "
+    sys.exit(f"error: no training samples for the tasks with a positive ratio "
              f"{ {t: float(r) for t, r in ratios.items()} } in {paths}")
-if args.batch_size < 1 or args.grad_accum < 1:  # every rank's every micro-step needs a row to collate
-    sys.exit("error: --batch-size and --grad-accum must be at least 1 (1 works: tasks take turns over steps)")
 G = args.batch_size * world * args.grad_accum  # originals per optimizer step, all ranks
 share = {t: ratios[t] / sum(ratios[t] for t in pools) for t in pools}
 # steps for one pass over each pool; the authors' sampler ends an epoch when the first pool runs out
@@ -157,7 +205,7 @@ max_steps = args.max_steps if args.max_steps is not None else math.ceil(args.epo
 ri_images = None
 if args.aug and "text_heavy" in pools:
     if args.ri_folder is None and not any(s["task"] == "image_heavy" for s in samples):
-        sys.exit("text-heavy twins need real images for RI: pass --ri-folder or add image-heavy data")
+        sys.exit("error: text-heavy twins need real images for RI: pass --ri-folder or add image-heavy data")
     ri_images = perturb.ri_pool(samples, args.ri_folder)
 log(f"{len(samples)} samples from {len(paths)} files; originals per step "
     f"{', '.join(f'{t} {float(G * share[t]):g}' for t in pools)} ({'+ twins' if args.aug else 'no twins'}); "
@@ -215,11 +263,74 @@ def micro_batches(step):
     return out
 
 
+# ---- which checkpoint to resume: decided before the model loads ------------------------------------------
+# Flags that cannot change the losses; the rest must match the checkpoint's run, or a resume would
+# continue a different run (data and model are compared by content, in `inputs`)
+FREE = {"save_every", "keep_checkpoints", "profile", "resume", "overwrite", "max_bad_steps", "export", "out",
+        "activation_checkpointing", "cpu_offload", "data", "model"}
+
+
+def shown(v):
+    if isinstance(v, list):
+        return "[" + ", ".join(map(shown, v)) + "]"
+    return "unset" if v is None else v[:12] if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) else str(v)
+
+
+def read_state(folder):
+    """(state.json, None), or (None, what is damaged): a missing file, or one of another size than written."""
+    try:
+        with open(f"{folder}/state.json") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f"state.json: {e}"
+    for name, size in state.get("files", {}).items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return None, f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return None, f"{name} has {os.path.getsize(path)} bytes, {size} were written"
+    return state, None
+
+
+def resume_point():
+    """(the newest intact checkpoint, None) or (None, why none may be resumed); rank 0 decides for all."""
+    for name in reversed(checkpoints()):
+        folder = os.path.join(args.out, name)
+        state, damage = read_state(folder)
+        if damage:
+            print(f"warning: {folder} is damaged ({damage}); trying the checkpoint before it", file=sys.stderr)
+            continue
+        if state["world"] != world:
+            return None, (f"error: {folder} was written by {state['world']} processes: resume with as many "
+                          f"(now {world}), since each holds its own shards")
+        then = {k: v for k, v in state["args"].items() if k not in FREE} | state.get("inputs", {})
+        now = {k: v for k, v in vars(args).items() if k not in FREE} | inputs
+        changed = [f"{k if k.startswith('-') else '--' + k.replace('_', '-')} {shown(then[k])} then, "
+                   f"{shown(now[k])} now" for k in then if k in now and then[k] != now[k]]
+        if changed:
+            return None, (f"error: {folder} was trained with other settings: {'; '.join(changed)} (resume with "
+                          f"the same, or start a fresh run in another --out)")
+        return folder, None
+    return None, f"error: {args.out}: every checkpoint is damaged (see the warnings above): start a fresh run"
+
+
+# what decides the losses besides the flags: a checkpoint records it, and a resume must find it unchanged
+inputs = {"--data sha256": [perturb.sha256(path) for path in paths],
+          **{"--model" + ("" if k == "model" else " " + k): v for k, v in M.identity(args.model).items()}} \
+    if master else {}
+resume_from = None
+if args.resume:
+    choice = [resume_point() if master else None]
+    dist.broadcast_object_list(choice, 0)
+    resume_from, problem = choice[0]
+    if problem:
+        sys.exit(problem if master else 1)  # once, not once per rank
+
+
 # ---- model: frozen vision encoder, FSDP2 per layer, then the root ----------------------------------------
 # Only rank 0 reads the weights; the others build the architecture on the meta device and receive their
 # shards from it below, so host memory holds one full copy of the model, not one per rank.
-hf_model, processor = M.load(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code,
-                             meta=not master)
+hf_model, processor = M.load(args.model, dtype=torch.float32, meta=not master)
 size = M.image_size(processor)  # canvases and random pixels are drawn at the vision encoder's input size
 if args.freeze_vision:
     M.freeze(hf_model)
@@ -287,10 +398,20 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def checkpoints():
-    if not os.path.isdir(args.out):
-        return []
-    return sorted(d for d in os.listdir(args.out) if d.startswith("ckpt-"))
+def written(save, obj, path):
+    """save(obj, path), or one line naming the file: a full disk is no traceback, and the checkpoint
+    before this one is intact (this one is still a .tmp folder)."""
+    try:
+        save(obj, path)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save on a full disk: "unexpected pos"
+        full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or "No space" in str(e)
+        sys.exit(f"error: {path}: {'no space left on device' if full else e}; the checkpoints before it are "
+                 f"intact: make room, then pass --resume")
+
+
+def save_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def save_checkpoint(step):
@@ -299,19 +420,23 @@ def save_checkpoint(step):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    save_file({n: local(q).detach().cpu().contiguous() for n, q in trainable}, f"{tmp}/model.rank{rank}.safetensors")
+    written(save_file, {n: local(q).detach().cpu().contiguous() for n, q in trainable},
+            f"{tmp}/model.rank{rank}.safetensors")
     state = optimizer.state_dict()
     state["state"] = {i: {k: local(v).cpu() for k, v in s.items()} for i, s in state["state"].items()}
-    torch.save(state, f"{tmp}/optim.rank{rank}.pt")
-    torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0)},
-               f"{tmp}/rng.rank{rank}.pt")
+    written(torch.save, state, f"{tmp}/optim.rank{rank}.pt")
+    written(torch.save, {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                         "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0)},
+            f"{tmp}/rng.rank{rank}.pt")
     dist.barrier()
     if master:
-        with open(f"{tmp}/state.json", "w") as f:
-            json.dump({"step": step, "world": world, "args": vars(args)}, f, indent=1)
+        files = {name: os.path.getsize(os.path.join(tmp, name)) for name in os.listdir(tmp)}  # resume checks them
+        written(save_json, {"step": step, "world": world, "args": vars(args), "inputs": inputs, "files": files},
+                f"{tmp}/state.json")
+        shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of this step, skipped by the resume
         os.replace(tmp, final)  # a kill before this line leaves only a .tmp folder, which resume ignores
-        for old in checkpoints()[:-1]:
+        older = [c for c in checkpoints() if c < os.path.basename(final)]  # newer ones are damaged: kept to report
+        for old in older[:max(0, len(older) - (args.keep_checkpoints - 1))]:
             shutil.rmtree(os.path.join(args.out, old))
     dist.barrier()
 
@@ -319,8 +444,6 @@ def save_checkpoint(step):
 def load_checkpoint(folder):
     with open(f"{folder}/state.json") as f:
         state = json.load(f)
-    if state["world"] != world:
-        sys.exit(f"{folder} was written by {state['world']} processes; resume with the same number (now {world})")
     weights = load_file(f"{folder}/model.rank{rank}.safetensors")
     with torch.no_grad():
         for n, q in trainable:
@@ -343,11 +466,14 @@ def load_checkpoint(folder):
 
 
 start = 0
-if args.resume and checkpoints():
-    start = load_checkpoint(os.path.join(args.out, checkpoints()[-1]))
-    log(f"resumed from {checkpoints()[-1]} at step {start}")
+if resume_from:
+    start = load_checkpoint(resume_from)
+    log(f"resumed from {resume_from} at step {start}")
 if master:
     os.makedirs(args.out, exist_ok=True)
+    if replacing:  # --overwrite: the earlier run's checkpoints would be resumed and pruned as this run's
+        for name in checkpoints():
+            shutil.rmtree(os.path.join(args.out, name))
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     kept = []
     if args.resume and os.path.exists(metrics_path):
@@ -543,7 +669,13 @@ if master and args.export:
     tmp = os.path.join(args.out, ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     M.save(hf_model, processor, tmp, state_dict=full)
+    if replacing and old_export:  # the earlier model's files go, or two models (of two families, say) would mix
+        for name in os.listdir(args.out):  # folders stay: checkpoints, a user's eval/
+            if os.path.isfile(os.path.join(args.out, name)) and name != "metrics.jsonl":
+                os.remove(os.path.join(args.out, name))
     for name in os.listdir(tmp):
+        if os.path.isdir(os.path.join(args.out, name)):  # an earlier export's folder (InstructBLIP's qformer_tokenizer)
+            shutil.rmtree(os.path.join(args.out, name))
         os.replace(os.path.join(tmp, name), os.path.join(args.out, name))
     os.rmdir(tmp)
     log(f"wrote {args.out}")
