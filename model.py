@@ -74,6 +74,12 @@ def keep_legacy(processor):
     return processor
 
 
+def _expanded(processor, size):
+    """The image tokens LLaVA's and Qwen2.5-VL's processors expand their placeholder into (transformers'
+    own count, which takes (height, width))."""
+    return processor._get_num_multimodal_tokens(image_sizes=[size[::-1]])["num_image_tokens"][0]
+
+
 # Everything that differs between families. `prompt` wraps perturb.render(sample); `answer` is the
 # text the model is trained to emit after it (a letter; the end-of-sequence token is appended).
 # `frozen`: parameter-name prefixes kept fixed (vision encoder; InstructBLIP also its Q-Former).
@@ -81,13 +87,15 @@ def keep_legacy(processor):
 # input_ids, image_grid_thw and mm_token_type_ids so that its M-RoPE positions are recomputed
 # (with inputs_embeds alone it silently reuses stale rope_deltas from the previous call).
 # `processor`: the class load() builds from a checkpoint's parts, whatever its processor_config.json says.
+# `image_tokens(processor, (width, height))`: the image tokens the processor inserts for an image of that size,
+# from the size alone; `dynamic`: whether that number depends on the size (Qwen2.5-VL's dynamic resolution).
 FAMILIES = {
     "llava": dict(
         cls=transformers.LlavaForConditionalGeneration, processor=transformers.LlavaProcessor,
         prompt="USER: <image>\n{} ASSISTANT:", answer=" {}",
         frozen=("model.vision_tower.",),
         image_keys=("pixel_values",), lm_keys=("attention_mask",), lm=None,
-        image_size=lambda ip: ip.crop_size["height"]),
+        image_size=lambda ip: ip.crop_size["height"], image_tokens=_expanded, dynamic=False),
     "qwen2.5-vl": dict(
         cls=transformers.Qwen2_5_VLForConditionalGeneration, processor=QwenImageProcessor,
         prompt=SYSTEM_QWEN + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
@@ -96,14 +104,16 @@ FAMILIES = {
         image_keys=("pixel_values", "image_grid_thw"),
         lm_keys=("attention_mask", "input_ids", "image_grid_thw", "mm_token_type_ids"), lm=None,
         # dynamic resolution: a square of at most 448 px (256 tokens), within the processor's pixel budget
-        image_size=lambda ip: min(448, 28 * int(math.sqrt(ip.size["longest_edge"]) // 28))),
+        image_size=lambda ip: min(448, 28 * int(math.sqrt(ip.size["longest_edge"]) // 28)),
+        image_tokens=_expanded, dynamic=True),
     "instructblip": dict(
         cls=transformers.InstructBlipForConditionalGeneration, processor=InstructBlipImageProcessor,
         prompt="{}", answer=" {}",
         frozen=("vision_model.", "qformer.", "query_tokens"),
         image_keys=("pixel_values", "qformer_input_ids", "qformer_attention_mask"),
         lm_keys=("attention_mask",), lm="language_model",  # its forward insists on pixel_values
-        image_size=lambda ip: ip.size["height"]),
+        image_size=lambda ip: ip.size["height"],
+        image_tokens=lambda p, size: p.num_query_tokens, dynamic=False),  # prepended to the prompt's tokens
 }
 MODEL_TYPES = {"llava": "llava", "qwen2_5_vl": "qwen2.5-vl", "instructblip": "instructblip"}
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "qformer_input_ids", "qformer_attention_mask")
@@ -222,6 +232,43 @@ def answer_ids(processor, text):
     if full[:len(context)] != context or len(full) == len(context):
         raise ValueError(f"tokenizer merges the answer {text!r} into the prompt's tail {tail!r}")
     return full[len(context):] + [tok.eos_token_id]
+
+
+def n_image_tokens(processor, size):
+    """The image tokens the family's processor inserts for an image of PIL size (width, height), without the
+    image: Image.open(path).size reads only the header."""
+    return FAMILIES[family(processor)]["image_tokens"](processor, tuple(size))
+
+
+def n_tokens(processor, sample, size, train=True):
+    """The length collate gives sample (with its answer when train), from its text and its image's size."""
+    return lengths(processor, [sample], [size], train)[0]
+
+
+def lengths(processor, samples, sizes, train=True):
+    """n_tokens of many samples, tokenized in one call (a fast tokenizer's batch runs on all cores). The
+    prompt's one placeholder (LLaVA's <image>, Qwen's <|image_pad|>) is replaced by the image tokens, and
+    InstructBLIP's prompt has none: its processor prepends the query tokens."""
+    f, tok = FAMILIES[family(processor)], processor.tokenizer
+    placeholder = tok.convert_tokens_to_ids(str(processor.image_token))
+    per_size = {}
+    for s, size in zip(samples, sizes):
+        if tuple(size) not in per_size:
+            try:
+                per_size[tuple(size)] = n_image_tokens(processor, size)
+            except ValueError as e:  # Qwen2-VL's refusal of an aspect ratio over 200, as collate says it
+                raise ValueError(f"sample {s['id']!r}: {e}") from e
+    ids = tok([f["prompt"].format(perturb.render(s)) for s in samples])["input_ids"]
+    out = [len(i) - i.count(placeholder) + per_size[tuple(size)] for i, size in zip(ids, sizes)]
+    if train:  # answer_ids' count, in one call for the distinct answers: tail + answer, less the tail, plus EOS
+        answers = [s["answer"] if s["options"] is None else perturb.LETTERS[s["answer"]] for s in samples]
+        tail = f["prompt"].rsplit("{}", 1)[1] or "\n"
+        distinct = sorted(set(answers))
+        full = tok([tail + f["answer"].format(a) for a in distinct], add_special_tokens=False)["input_ids"]
+        context = len(_ids(tok, tail))
+        n = {a: len(i) - context + 1 for a, i in zip(distinct, full)}
+        out = [k + n[a] for k, a in zip(out, answers)]
+    return out
 
 
 def option_token_ids(processor, n):

@@ -498,3 +498,89 @@ def test_instruction_samples_train_on_their_reply_and_are_never_scored(toy, tmp_
     _train(["--model", models["llava"], "--data", path, "--out", out, "--max-steps", "2", "--ratio-image", "0",
             "--ratio-text", "0"], monkeypatch)
     assert len(_metrics(out)) == 2 and all(r["sft"] > 0 for r in _metrics(out))
+
+
+# ---- --max-length: measured before the model loads -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def processors(toy, tmp_path_factory):
+    """The processors of the toy models and of tiny checkpoints with the real tokenizers and image processors."""
+    from hub.build import make_tiny_real
+    from hub.qwen import make_tiny_qwen
+    root = tmp_path_factory.mktemp("real")
+    folders = dict(toy[1], **{"real-llava": make_tiny_real("llava", str(root / "llava")),
+                              "real-instructblip": make_tiny_real("instructblip", str(root / "instructblip")),
+                              "real-qwen2.5-vl": make_tiny_qwen(str(root / "qwen"))})
+    return {name: M.load_processor(folder) for name, folder in folders.items()}
+
+
+@pytest.mark.parametrize("name", FAMILIES + ["real-llava", "real-instructblip", "real-qwen2.5-vl"])
+def test_n_tokens_is_the_length_collate_gives(processors, name):
+    from PIL import Image
+    p = processors[name]
+    side = M.image_size(p)
+    photo = Image.new("RGB", (333, 150), (200, 10, 10))  # not square: Qwen's image tokens follow its shape
+    image = dict(id="img", task="image_heavy", image=photo, question="What is shown in this picture ?",
+                 options=["cat", "dog", "car"], answer=2, source="t", facts={"0": "This is a dog in a field ."})
+    text = dict(id="txt", task="text_heavy", image=None, question="What color is the sky ?", options=["red", "blue"],
+                answer=1, source="t")
+    chat = dict(id="chat", task="vqa", image=photo, question="What is in the image ?", options=None,
+                answer="a red square on a plain background", source="t")
+    rows = [image, perturb.perturb(image, "uf", 0, pool="train"), perturb.perturb(image, "md", 1, pool="train"),
+            perturb.perturb(text, "orig", 0, size=side), perturb.perturb(text, "fb", 0, size=side), chat]
+    for s in rows:
+        for train in (True, False):
+            ids = M.collate(p, [s], train=train)["input_ids"][0]
+            assert M.n_tokens(p, s, s["image"].size, train) == len(ids), (s["id"], s["intervention"], train)
+        if not name.endswith("instructblip"):  # LLaVA and Qwen expand a placeholder; InstructBLIP prepends
+            assert M.n_image_tokens(p, s["image"].size) == int((ids == p.image_token_id).sum())
+        else:
+            assert M.n_image_tokens(p, s["image"].size) == p.num_query_tokens
+    if name == "real-qwen2.5-vl":
+        assert M.n_image_tokens(p, (333, 150)) == 12 * 5 != M.n_image_tokens(p, (side, side))  # 28 px per token
+
+
+def _collated_lengths(processor, samples):
+    return [M.collate(processor, [perturb.perturb(s, "orig", 0, size=M.image_size(processor))])["input_ids"].shape[1]
+            for s in samples]
+
+
+def test_a_twin_past_max_length_stops_the_run_before_the_model_loads(toy, tmp_path, monkeypatch):
+    data, models = toy
+    samples = perturb.load_samples(data)
+    fits = max(_collated_lengths(M.load_processor(models["llava"]), samples))  # every original fits
+    monkeypatch.setattr(M, "load", _no_model)
+    with pytest.raises(SystemExit) as e:
+        _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path / "out"), "--max-length", str(fits)],
+               monkeypatch)
+    msg = str(e.value)
+    assert msg.startswith(f"error: --max-length {fits}: 2 of the 8 samples can become longer rows in training, e.g. "
+                          f"sample 'toy-train-img-0000") and "\n" not in msg, msg
+    assert re.search(rf"of {re.escape(data)}, as its uf twin: \d+ tokens with its answer, \d+% of them image tokens",
+                     msg) and "lower --k-facts" in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_at_a_max_length_every_row_fits_trains(toy, tmp_path, monkeypatch):
+    data, models = toy
+    with monkeypatch.context() as m:
+        m.setattr(M, "load", _no_model)
+        with pytest.raises(SystemExit) as e:
+            _train(["--model", models["qwen2.5-vl"], "--data", data, "--out", str(tmp_path / "no"), "--max-length", "50"],
+                   monkeypatch)
+    longest = max(map(int, re.findall(r"(\d+) tokens with its answer", str(e.value))))
+    out = str(tmp_path / "out")
+    _train(["--model", models["qwen2.5-vl"], "--data", data, "--out", out, "--max-length", str(longest),
+            "--max-steps", "2", "--no-export"], monkeypatch)
+    assert len(_metrics(out)) == 2
+
+
+def test_a_row_longer_than_measured_stops_in_one_line_naming_the_sample(toy, tmp_path, monkeypatch):
+    """collate's exact check stays behind the estimate: should it miss a row, the run stops with a line, not a
+    traceback."""
+    data, models = toy
+    monkeypatch.setattr(M, "lengths", lambda processor, samples, sizes, train=True: [1] * len(samples))
+    with pytest.raises(SystemExit, match=r"^error: sample '[^']+'.*: \d+ tokens with its answer .* more than "
+                                         r"max_length=30; truncating would cut the answer \(raise max_length\)$"):
+        _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path / "out"), "--max-length", "30",
+                "--max-steps", "1"], monkeypatch)

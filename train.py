@@ -9,6 +9,7 @@ import argparse
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from fractions import Fraction
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
@@ -184,9 +186,11 @@ def all_sum(t):
 # ---- data: bad files fail here, before any model is loaded ------------------------------------------------
 paths = [perturb.data_file(d, "train") for d in args.data]
 try:
-    samples = [s for path in paths for s in perturb.load_samples(path, decode=True)]  # a broken image too
+    loaded = [(path, perturb.load_samples(path, decode=True)) for path in paths]  # a broken image too
 except (perturb.DataError, FileNotFoundError) as e:  # messages written for people: file, line, what to do
     sys.exit(f"error: {e}")
+samples = [s for _, part in loaded for s in part]
+file_of = {id(s): path for path, part in loaded for s in part}  # for errors naming a sample's file
 # exact fractions: in floats ceil(100 * 0.55) is 56, and the schedule would drift from the ratios
 image, text = (Fraction(r).limit_denominator(10**6) for r in (args.ratio_image, args.ratio_text))
 ratios = {"image_heavy": image, "text_heavy": text, "vqa": max(Fraction(0), 1 - image - text)}
@@ -211,6 +215,105 @@ log(f"{len(samples)} samples from {len(paths)} files; originals per step "
     f"{', '.join(f'{t} {float(G * share[t]):g}' for t in pools)} ({'+ twins' if args.aug else 'no twins'}); "
     f"one pass over the smallest pool takes {min(passes.values())} steps, over the largest "
     f"{max(passes.values())}; {max_steps} steps ({steps_per_epoch}/epoch, --epoch-end {args.epoch_end})")
+
+
+# ---- lengths: every row training can make must fit --max-length, checked before the model loads ------------
+# collate refuses a longer row (truncating would cut the answer), which mid-run would waste the hours before
+# it; here each original is measured at the longest row it can become, from text and image headers only.
+def longest_rows(processor, size):
+    """(tokens, variant, image size) of each original's longest row: itself and, with --aug, the longest twin
+    of each kind: UF with the k longest facts (in tokens) that name none of its options, an upper bound of
+    what UF draws, and a draw it can make, so refusing it is right; MD with the longest description _md can
+    choose (by characters); RI with the RI image of most image tokens. FB/FW are at `size`, as the random
+    pixels of the original are. A sample no twin can be made of raises ValueError (naming it), as in training."""
+    dynamic, headers = M.FAMILIES[processor.family]["dynamic"], {}
+
+    def wh(image):  # the PIL size of what a row carries; LLaVA's and InstructBLIP's image tokens ignore it
+        if image is None or not dynamic:
+            return (size, size)
+        if image not in headers:
+            with Image.open(image) as im:
+                headers[image] = im.size
+            try:  # Qwen2-VL refuses an aspect ratio over 200
+                M.n_image_tokens(processor, im.size)
+            except ValueError as e:
+                raise ValueError(f"{image}: {e} (crop or pad the image)") from e
+        return headers[image]
+
+    n_facts = map(len, processor.tokenizer(perturb.unrelated_facts("train"), add_special_tokens=False)["input_ids"])
+    facts = [f for _, f in sorted(zip(n_facts, perturb.unrelated_facts("train")), key=lambda nf: -nf[0])]
+    # One option at a time, as _mentions reads a list: Python caches the regex of each (512 of them), where
+    # one per set of options would be compiled for every sample.
+    named_in_facts = functools.lru_cache(maxsize=None)(lambda o: perturb._mentions("\n".join(facts), [o]))
+
+    def longest(texts, name):  # the longest text that does not name `name`, or None
+        return next((t for t in sorted(texts, key=len, reverse=True) if not perturb._mentions(t, [name])), None)
+
+    def uf(s):
+        named = [o for o in s["options"] if named_in_facts(o)]  # most options are in no fact: no check per fact
+        chosen = list(itertools.islice((f for f in facts if not any(perturb._mentions(f, [o]) for o in named)),
+                                       args.k_facts))
+        if len(chosen) < args.k_facts:
+            perturb.perturb(s, "uf", 0, pool="train", k=args.k_facts)  # raises _uf's error for this sample
+        return {**s, "question": " ".join(chosen) + " " + s["question"]}  # as _uf writes it
+
+    def md(s):  # _md's choice: a prewritten description of a wrong option if one is usable, else a template
+        right, wrong = s["options"][s["answer"]], [i for i in range(len(s["options"])) if i != s["answer"]]
+        text = longest([(s.get("facts") or {}).get(str(i)) or "" for i in wrong], right) or longest(
+            [t.format(wrong=s["options"][i]) for i in wrong for t in perturb.md_templates("train")], right)
+        if text is None:
+            perturb.perturb(s, "md", 0, pool="train")  # raises _md's error for this sample
+        return {**s, "question": text + " " + s["question"]}
+
+    # a text-heavy original and its twins share their text: the one with the image of most tokens is the longest
+    text_heavy = ("orig", (size, size))
+    if args.aug and ri_images and dynamic:
+        ri = max(ri_images, key=lambda path: M.n_image_tokens(processor, wh(path)))
+        if M.n_image_tokens(processor, wh(ri)) > M.n_image_tokens(processor, (size, size)):
+            text_heavy = ("ri", wh(ri))
+    originals = [s for pool in pools.values() for s in pool]
+    best = [(0, "", None)] * len(originals)
+    for a in range(0, len(originals), 2048):  # in chunks: 600k rows of token ids at once would fill the memory
+        rows = []  # (original's index, variant, sample, image size)
+        for i, s in enumerate(originals[a:a + 2048], a):
+            if s["task"] == "text_heavy":
+                rows.append((i, text_heavy[0], s, text_heavy[1]))
+                continue
+            rows.append((i, "orig", s, wh(s["image"])))
+            if args.aug and s["task"] == "image_heavy":
+                try:
+                    rows += [(i, "uf", uf(s), wh(s["image"])), (i, "md", md(s), wh(s["image"]))]
+                except ValueError as e:  # perturb's own, naming the sample
+                    raise ValueError(f"{file_of[id(s)]}: {e}") from e
+        for (i, variant, _, wh_), n in zip(rows, M.lengths(processor, [r[2] for r in rows], [r[3] for r in rows])):
+            best[i] = max(best[i], (n, variant, wh_), key=lambda b: b[0])
+    return originals, best
+
+
+def too_long():
+    """One line that refuses the run, naming the first few samples with a row past --max-length, or None."""
+    processor = M.load_processor(args.model)
+    try:
+        originals, best = longest_rows(processor, M.image_size(processor))
+    except ValueError as e:  # a sample UF or MD cannot take, or an image the processor cannot
+        return f"error: {e}"
+    over = sorted([(n, variant, wh, s) for s, (n, variant, wh) in zip(originals, best) if n > args.max_length],
+                  key=lambda o: -o[0])
+    if not over:
+        return None
+    named = "; ".join(f"sample {s['id']!r} of {file_of[id(s)]}{'' if v == 'orig' else f', as its {v} twin'}: "
+                      f"{n} tokens with its answer, {round(100 * M.n_image_tokens(processor, wh) / n)}% of them "
+                      f"image tokens" for n, v, wh, s in over[:3])
+    todo = ["raise --max-length", "shorten these samples"] + ["lower --k-facts"] * any(o[1] == "uf" for o in over[:3]) \
+        + ["resize their images"] * M.FAMILIES[processor.family]["dynamic"]
+    return (f"error: --max-length {args.max_length}: {len(over)} of the {len(originals)} samples can become longer "
+            f"rows in training, e.g. {named} ({', '.join(todo[:-1])} or {todo[-1]})")
+
+
+verdict = [too_long() if master and max_steps > 0 else None]  # rank 0 measures, every rank stops
+dist.broadcast_object_list(verdict, 0)
+if verdict[0]:
+    sys.exit(verdict[0] if master else 1)
 
 
 @functools.lru_cache(maxsize=16)  # one shuffle per pass over a pool, not one per sample drawn from it
@@ -256,7 +359,10 @@ def micro_batches(step):
         part = mine[m * world + rank::world * args.grad_accum]
         twins = [(i, twin(s, step)) for i, s in enumerate(part) if args.aug and s["task"] in TWINS]
         rows = [perturb.perturb(s, "orig", 0, size=size) for s in part] + [t for _, t in twins]
-        batch = M.collate(processor, rows, train=True, max_length=args.max_length)
+        try:
+            batch = M.collate(processor, rows, train=True, max_length=args.max_length)
+        except ValueError as e:  # the exact check, should a row be longer than measured before the model loaded
+            sys.exit(f"error: {e}")
         batch["ids"] = [s["id"] + ("" if r < len(part) else "/twin") for r, s in enumerate(rows)]
         batch["pairs"] = [(i, len(part) + j) for j, (i, _) in enumerate(twins)]
         out.append(batch)
