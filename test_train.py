@@ -110,25 +110,31 @@ def test_the_output_folder_is_the_trained_model_for_plain_transformers(toy, tmp_
         assert any(n.startswith("qformer.") for n, _ in plain.named_parameters())
 
 
+def _one_process_like_two(common, tmp_path, batch, port, steps):
+    """train.py as one process with batch 2 * batch and under torchrun as two with batch: the same metrics
+    at every step. Returns both runs' metrics."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable] + common + [str(tmp_path / "one"), "--batch-size", str(2 * batch)], check=True,
+                   cwd=HERE, env=env, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port)] + common + [str(tmp_path / "two"), "--batch-size", str(batch)], cwd=HERE,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-5000:]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(one) == len(two) == steps
+    for a, b in zip(one, two):
+        for k in ("loss", "sft", "adv", "cons", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+    return one, two
+
+
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_two_processes_train_like_one_and_the_loss_falls(toy, tmp_path, fam):
     """Rank 1 starts on the meta device and receives its shards and buffers from rank 0."""
     data, models = toy
     common = ["train.py", "--model", models[fam], "--data", data, "--max-steps", "6", "--lr", "2e-3",
               "--warmup", "0", "--eps", "0.05", "--out"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable] + common + [str(tmp_path / "one"), "--batch-size", "8"], check=True, cwd=HERE,
-                   env=env, capture_output=True)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29533 + list(FAMILIES).index(fam))]
-                         + common + [str(tmp_path / "two"), "--batch-size", "4"], cwd=HERE, env=env,
-                         capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-5000:]
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert len(one) == len(two) == 6
-    for a, b in zip(one, two):
-        for k in ("loss", "sft", "adv", "cons", "grad_norm"):
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+    one, _ = _one_process_like_two(common, tmp_path, 4, 29533 + list(FAMILIES).index(fam), 6)
     assert one[-1]["sft"] < one[0]["sft"] and one[-1]["loss"] < one[0]["loss"]
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
@@ -345,18 +351,7 @@ def test_two_processes_with_a_batch_of_one_train_like_one(toy, tmp_path):
     data, models = toy
     common = ["train.py", "--model", models["llava"], "--data", data, "--max-steps", "2", "--eps", "0.05",
               "--ratio-image", "0.5", "--ratio-text", "0.25", "--no-export", "--out"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable] + common + [str(tmp_path / "one"), "--batch-size", "2"], check=True, cwd=HERE,
-                   env=env, capture_output=True)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29541"] + common + [str(tmp_path / "two"), "--batch-size", "1"], cwd=HERE, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-5000:]
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two):
-        for k in ("loss", "sft", "adv", "cons", "grad_norm"):
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+    _one_process_like_two(common, tmp_path, 1, 29541, 2)
 
 
 def test_an_epoch_ends_when_the_smallest_pool_has_been_seen_once(toy, tmp_path, monkeypatch, capsys):
