@@ -275,7 +275,7 @@ def md_templates(pool="eval"):
     return list(MD_EVAL if pool == "eval" else MD_TRAIN)
 
 
-def _mentions(text, phrases):
+def mentions(text, phrases):
     """Whole-word, case-insensitive; an optional plural s/es also counts, since "cats" names a cat."""
     words = [r"\s+".join(map(re.escape, p.split())) for p in phrases]
     return re.search(rf"(?<!\w)(?:{'|'.join(words)})(?:e?s)?(?!\w)", text, re.IGNORECASE) is not None
@@ -319,7 +319,7 @@ def _orig(sample, rng, size, pool, ri_images, k):
 
 
 def _uf(sample, rng, size, pool, ri_images, k):
-    candidates = [f for f in unrelated_facts(pool) if not _mentions(f, sample["options"])]
+    candidates = [f for f in unrelated_facts(pool) if not mentions(f, sample["options"])]
     if not 1 <= k <= len(candidates):
         raise ValueError(f"uf needs 1 <= k <= {len(candidates)} facts that mention no option of "
                          f"sample {sample['id']!r}, got k={k} (lower k or add facts)")
@@ -338,11 +338,11 @@ def _md(sample, rng, size, pool, ri_images, k):
     facts = sample.get("facts") or {}
     for i in wrong:
         text = facts.get(str(i))
-        if text and not _mentions(text, right):
+        if text and not mentions(text, right):
             return _new(sample, question=text + " " + sample["question"], md_option=i)
     for i in wrong:
         for text in (t.format(wrong=sample["options"][i]) for t in templates):
-            if not _mentions(text, right):
+            if not mentions(text, right):
                 return _new(sample, question=text + " " + sample["question"], md_option=i)
     raise ValueError(f"md: every wrong option of sample {sample['id']!r} would name the answer "
                      f"{right[0]!r} (reword the options or skip md for this sample)")

@@ -242,16 +242,16 @@ def longest_rows(processor, size):
 
     n_facts = map(len, processor.tokenizer(perturb.unrelated_facts("train"), add_special_tokens=False)["input_ids"])
     facts = [f for _, f in sorted(zip(n_facts, perturb.unrelated_facts("train")), key=lambda nf: -nf[0])]
-    # One option at a time, as _mentions reads a list: Python caches the regex of each (512 of them), where
+    # One option at a time, as mentions reads a list: Python caches the regex of each (512 of them), where
     # one per set of options would be compiled for every sample.
-    named_in_facts = functools.lru_cache(maxsize=None)(lambda o: perturb._mentions("\n".join(facts), [o]))
+    named_in_facts = functools.lru_cache(maxsize=None)(lambda o: perturb.mentions("\n".join(facts), [o]))
 
     def longest(texts, name):  # the longest text that does not name `name`, or None
-        return next((t for t in sorted(texts, key=len, reverse=True) if not perturb._mentions(t, [name])), None)
+        return next((t for t in sorted(texts, key=len, reverse=True) if not perturb.mentions(t, [name])), None)
 
     def uf(s):
         named = [o for o in s["options"] if named_in_facts(o)]  # most options are in no fact: no check per fact
-        chosen = list(itertools.islice((f for f in facts if not any(perturb._mentions(f, [o]) for o in named)),
+        chosen = list(itertools.islice((f for f in facts if not any(perturb.mentions(f, [o]) for o in named)),
                                        args.k_facts))
         if len(chosen) < args.k_facts:
             perturb.perturb(s, "uf", 0, pool="train", k=args.k_facts)  # raises _uf's error for this sample
