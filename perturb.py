@@ -5,6 +5,7 @@ returns a perturbed copy. Used by evaluate.py and train.py, e.g. perturb(s, "md"
 """
 import functools
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -346,6 +347,28 @@ def _md(sample, rng, size, pool, ri_images, k):
                 return _new(sample, question=text + " " + sample["question"], md_option=i)
     raise ValueError(f"md: every wrong option of sample {sample['id']!r} would name the answer "
                      f"{right[0]!r} (reword the options or skip md for this sample)")
+
+
+def longest(sample, name, facts=None, k=10, pool="train"):
+    """The longest question UF or MD can give sample, a draw each can make: UF with the first k of `facts`
+    (the pool's facts, longest first, e.g. in tokens) that name no option, MD with the longest text _md can
+    choose (a usable prewritten description if the sample has one, else a template). What train.py measures
+    against --max-length before the model loads; _uf's or _md's error where they would fail."""
+    if name == "uf":
+        chosen = list(itertools.islice((f for f in facts if not mentions(f, sample["options"])), max(k, 0)))
+        if not 1 <= k == len(chosen):
+            _uf(sample, random.Random(0), None, pool, None, k)  # raises its error: too few facts, or k < 1
+        text = " ".join(chosen)
+    else:
+        right = [sample["options"][sample["answer"]]]
+        wrong = [i for i in range(len(sample["options"])) if i != sample["answer"]]
+        described = [d for i in wrong if (d := (sample.get("facts") or {}).get(str(i))) and not mentions(d, right)]
+        texts = described or [text for i in wrong for t in md_templates(pool)
+                               if not mentions(text := t.format(wrong=sample["options"][i]), right)]
+        if not texts:
+            _md(sample, random.Random(0), None, pool, None, k)
+        text = max(texts, key=len)
+    return _new(sample, question=text + " " + sample["question"])
 
 
 def _ri(sample, rng, size, pool, ri_images, k):

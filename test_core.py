@@ -299,6 +299,26 @@ def test_md_never_names_the_answer_with_facts():
         assert out["md_option"] in (1, 3) and not _names(desc, "cat") and not _names(desc, "cats"), desc
 
 
+@pytest.mark.parametrize("facts", [None, {"1": "A short dog note.", "3": "The rabbit, surely, and nothing but it."}])
+def test_longest_twin_is_a_draw_no_other_draw_exceeds(facts):
+    """perturb.longest bounds what UF and MD draw: no draw of 300 seeds is longer, and the bound is one of them."""
+    s = _sample(**({"facts": facts} if facts else {}))
+    pool = sorted(perturb.unrelated_facts("train"), key=len, reverse=True)
+    for name in ("uf", "md"):
+        bound = perturb.longest(s, name, pool, k=3)["question"]
+        draws = {perturb.perturb(s, name, seed, pool="train", k=3)["question"] for seed in range(300)}
+        assert max(map(len, draws)) <= len(bound)
+        if name == "md":
+            assert bound in draws
+        else:  # the 3 longest facts naming no option, in pool order: a draw rng.sample can make
+            usable = [f for f in pool if not any(_names(f, o + end) for o in s["options"] for end in ("", "s", "es"))]
+            assert bound == " ".join(usable[:3]) + " " + s["question"]
+    if facts:
+        assert perturb.longest(s, "md")["question"].startswith(facts["3"])
+    with pytest.raises(ValueError, match="uf needs"):
+        perturb.longest(s, "uf", pool, k=len(pool) + 1)
+
+
 def test_md_uses_the_one_prewritten_description_for_every_seed():
     s = _sample(options=["cat", "dog", "bird", "fish"], facts={"2": "A small bird sings on a branch."})
     for seed in range(200):

@@ -9,7 +9,6 @@ import argparse
 import errno
 import functools
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -222,9 +221,9 @@ log(f"{len(samples)} samples from {len(paths)} files; originals per step "
 # it; here each original is measured at the longest row it can become, from text and image headers only.
 def longest_rows(processor, size):
     """(tokens, variant, image size) of each original's longest row: itself and, with --aug, the longest twin
-    of each kind: UF with the k longest facts (in tokens) that name none of its options, an upper bound of
-    what UF draws, and a draw it can make, so refusing it is right; MD with the longest description _md can
-    choose (by characters); RI with the RI image of most image tokens. FB/FW are at `size`, as the random
+    of each kind (perturb.longest): UF with the k longest facts (in tokens) that name none of its options, an
+    upper bound of what UF draws, and a draw it can make, so refusing it is right; MD with the longest text
+    _md can choose (by characters); RI with the RI image of most image tokens. FB/FW are at `size`, as the random
     pixels of the original are. A sample no twin can be made of raises ValueError (naming it), as in training."""
     dynamic, headers = M.FAMILIES[processor.family]["dynamic"], {}
 
@@ -242,28 +241,6 @@ def longest_rows(processor, size):
 
     n_facts = map(len, processor.tokenizer(perturb.unrelated_facts("train"), add_special_tokens=False)["input_ids"])
     facts = [f for _, f in sorted(zip(n_facts, perturb.unrelated_facts("train")), key=lambda nf: -nf[0])]
-    # One option at a time, as mentions reads a list: Python caches the regex of each (512 of them), where
-    # one per set of options would be compiled for every sample.
-    named_in_facts = functools.lru_cache(maxsize=None)(lambda o: perturb.mentions("\n".join(facts), [o]))
-
-    def longest(texts, name):  # the longest text that does not name `name`, or None
-        return next((t for t in sorted(texts, key=len, reverse=True) if not perturb.mentions(t, [name])), None)
-
-    def uf(s):
-        named = [o for o in s["options"] if named_in_facts(o)]  # most options are in no fact: no check per fact
-        chosen = list(itertools.islice((f for f in facts if not any(perturb.mentions(f, [o]) for o in named)),
-                                       args.k_facts))
-        if len(chosen) < args.k_facts:
-            perturb.perturb(s, "uf", 0, pool="train", k=args.k_facts)  # raises _uf's error for this sample
-        return {**s, "question": " ".join(chosen) + " " + s["question"]}  # as _uf writes it
-
-    def md(s):  # _md's choice: a prewritten description of a wrong option if one is usable, else a template
-        right, wrong = s["options"][s["answer"]], [i for i in range(len(s["options"])) if i != s["answer"]]
-        text = longest([(s.get("facts") or {}).get(str(i)) or "" for i in wrong], right) or longest(
-            [t.format(wrong=s["options"][i]) for i in wrong for t in perturb.md_templates("train")], right)
-        if text is None:
-            perturb.perturb(s, "md", 0, pool="train")  # raises _md's error for this sample
-        return {**s, "question": text + " " + s["question"]}
 
     # a text-heavy original and its twins share their text: the one with the image of most tokens is the longest
     text_heavy = ("orig", (size, size))
@@ -282,7 +259,8 @@ def longest_rows(processor, size):
             rows.append((i, "orig", s, wh(s["image"])))
             if args.aug and s["task"] == "image_heavy":
                 try:
-                    rows += [(i, "uf", uf(s), wh(s["image"])), (i, "md", md(s), wh(s["image"]))]
+                    rows += [(i, name, perturb.longest(s, name, facts, args.k_facts), wh(s["image"]))
+                             for name in ("uf", "md")]
                 except ValueError as e:  # perturb's own, naming the sample
                     raise ValueError(f"{file_of[id(s)]}: {e}") from e
         for (i, variant, _, wh_), n in zip(rows, M.lengths(processor, [r[2] for r in rows], [r[3] for r in rows])):
