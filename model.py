@@ -226,12 +226,20 @@ def _ids(tokenizer, text):
 def answer_ids(processor, text):
     """Token ids of an answer (a letter, or an instruction sample's reply) as the model emits it after the
     prompt, plus end of sequence. Tokenized in context (after the template's tail): tokenizers merge."""
+    return answers_ids(processor, [text])[0]
+
+
+def answers_ids(processor, texts):
+    """answer_ids of many answers, tokenized in one call."""
     f, tok = FAMILIES[family(processor)], processor.tokenizer
     tail = f["prompt"].rsplit("{}", 1)[1] or "\n"
-    context, full = _ids(tok, tail), _ids(tok, tail + f["answer"].format(text))
-    if full[:len(context)] != context or len(full) == len(context):
-        raise ValueError(f"tokenizer merges the answer {text!r} into the prompt's tail {tail!r}")
-    return full[len(context):] + [tok.eos_token_id]
+    context, out = _ids(tok, tail), []
+    fulls = tok([tail + f["answer"].format(t) for t in texts], add_special_tokens=False)["input_ids"]
+    for text, full in zip(texts, fulls):
+        if full[:len(context)] != context or len(full) == len(context):
+            raise ValueError(f"tokenizer merges the answer {text!r} into the prompt's tail {tail!r}")
+        out.append(full[len(context):] + [tok.eos_token_id])
+    return out
 
 
 def n_image_tokens(processor, size):
@@ -260,13 +268,10 @@ def lengths(processor, samples, sizes, train=True):
                 raise ValueError(f"sample {s['id']!r}: {e}") from e
     ids = tok([f["prompt"].format(perturb.render(s)) for s in samples])["input_ids"]
     out = [len(i) - i.count(placeholder) + per_size[tuple(size)] for i, size in zip(ids, sizes)]
-    if train:  # answer_ids' count, in one call for the distinct answers: tail + answer, less the tail, plus EOS
+    if train:  # with the answer's tokens, each distinct answer tokenized once
         answers = [s["answer"] if s["options"] is None else perturb.LETTERS[s["answer"]] for s in samples]
-        tail = f["prompt"].rsplit("{}", 1)[1] or "\n"
         distinct = sorted(set(answers))
-        full = tok([tail + f["answer"].format(a) for a in distinct], add_special_tokens=False)["input_ids"]
-        context = len(_ids(tok, tail))
-        n = {a: len(i) - context + 1 for a, i in zip(distinct, full)}
+        n = {a: len(ids) for a, ids in zip(distinct, answers_ids(processor, distinct))}
         out = [k + n[a] for k, a in zip(out, answers)]
     return out
 
