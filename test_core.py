@@ -119,7 +119,9 @@ def test_modality_mask_follows_the_task():
 def test_pgd_step_is_equation_7_and_respects_eps_and_mask():
     embeds = torch.zeros(2, 5, 4)
     mask = torch.tensor([[True, False, True, False, False], [False] * 5])
-    w = torch.randn(2, 5, 4)
+    # seeded: from the global generator, w depended on the tests before it, and one |w| of 7e-4 once kept
+    # alpha=100 below from reaching the corner (|w| >= 0.25 on the masked positions with this seed)
+    w = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
     eps, alpha = 0.3, 0.1
     delta = losses.pgd(lambda d: (w * d).sum(), embeds, mask, eps=eps, alpha=alpha, steps=1,
                        generator=torch.Generator().manual_seed(3))
