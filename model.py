@@ -1,7 +1,8 @@
 """The multimodal LLMs we fine-tune and diagnose: loading, prompt rendering, and access to the
 input embeddings that PGD perturbs. One path for LLaVA-1.5, Qwen2.5-VL and InstructBLIP; what
-differs between them lives in the FAMILIES table. `python model.py llava out/tiny-llava` writes a
-tiny random-init checkpoint of the real transformers class (what the tests and the toy world use).
+differs between them lives in the FAMILIES table, their prompts (ours, or the authors') in PROMPTS.
+`python model.py llava out/tiny-llava` writes a tiny random-init checkpoint of the real transformers
+class (what the tests and the toy world use).
 """
 import json
 import math
@@ -80,8 +81,7 @@ def _expanded(processor, size):
     return processor._get_num_multimodal_tokens(image_sizes=[size[::-1]])["num_image_tokens"][0]
 
 
-# Everything that differs between families. `prompt` wraps perturb.render(sample); `answer` is the
-# text the model is trained to emit after it (a letter; the end-of-sequence token is appended).
+# Everything that differs between families, but the prompt (PROMPTS below).
 # `frozen`: parameter-name prefixes kept fixed (vision encoder; InstructBLIP also its Q-Former).
 # `lm_keys`: batch entries the language path needs besides inputs_embeds; Qwen2.5-VL needs
 # input_ids, image_grid_thw and mm_token_type_ids so that its M-RoPE positions are recomputed
@@ -92,14 +92,11 @@ def _expanded(processor, size):
 FAMILIES = {
     "llava": dict(
         cls=transformers.LlavaForConditionalGeneration, processor=transformers.LlavaProcessor,
-        prompt="USER: <image>\n{} ASSISTANT:", answer=" {}",
         frozen=("model.vision_tower.",),
         image_keys=("pixel_values",), lm_keys=("attention_mask",), lm=None,
         image_size=lambda ip: ip.crop_size["height"], image_tokens=_expanded, dynamic=False),
     "qwen2.5-vl": dict(
         cls=transformers.Qwen2_5_VLForConditionalGeneration, processor=QwenImageProcessor,
-        prompt=SYSTEM_QWEN + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
-        "<|im_start|>assistant\n", answer="{}",
         frozen=("model.visual.patch_embed.", "model.visual.blocks."),  # the merger is the projector
         image_keys=("pixel_values", "image_grid_thw"),
         lm_keys=("attention_mask", "input_ids", "image_grid_thw", "mm_token_type_ids"), lm=None,
@@ -108,7 +105,6 @@ FAMILIES = {
         image_tokens=_expanded, dynamic=True),
     "instructblip": dict(
         cls=transformers.InstructBlipForConditionalGeneration, processor=InstructBlipImageProcessor,
-        prompt="{}", answer=" {}",
         frozen=("vision_model.", "qformer.", "query_tokens"),
         image_keys=("pixel_values", "qformer_input_ids", "qformer_attention_mask"),
         lm_keys=("attention_mask",), lm="language_model",  # its forward insists on pixel_values
@@ -117,6 +113,86 @@ FAMILIES = {
 }
 MODEL_TYPES = {"llava": "llava", "qwen2_5_vl": "qwen2.5-vl", "instructblip": "instructblip"}
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "qformer_input_ids", "qformer_attention_mask")
+
+
+# The authors' system prompts (luisrui/Modality-Interference-in-MLLMs at 911003a, modules/prompt/__init__.py):
+# qa_vqa_prompt_multi_choices_train, which their Llava/Qwen/InstructBlipDataset.py put before every image- and
+# text-heavy training row, and qa_image_prompt, which src/predict.py passes for every evaluated row (VQA too).
+# They differ in one word ("concise answer" / "concise option"); we use each where they do.
+AUTHORS_SYSTEM_TRAIN = ("You are an expert at question answering. Given the question and the context image of the "
+                        "question, please output the answer. Please provide a concise answer, no explanation and "
+                        "further question.")
+AUTHORS_SYSTEM_EVAL = ("You are an expert at question answering. Given the question and the context image of the "
+                       "question, please output the answer. Please provide a concise option, no explanation and "
+                       "further question.")
+
+
+def render_authors(sample):
+    """The authors' question text (src/construct_data.py and modules/utils/aug_utils.py build the same):
+    f"Question:\n{question}\nOption:\n{choices_text}" with choices_text = "A: dog\nB: cat\n", so it ends in a
+    newline. A free-form instruction sample is its question alone (their VQA rows: the first human turn)."""
+    if sample["options"] is None:
+        return sample["question"]
+    options = "".join(f"{perturb.LETTERS[i]}: {o}\n" for i, o in enumerate(sample["options"]))
+    return f"Question:\n{sample['question']}\nOption:\n{options}"
+
+
+# How each family's prompt and answer are written, per style: "ours" (the default) or "authors" (the authors'
+# protocol, to score their released checkpoints and train in their format). `render(sample)`: the question and
+# its options; `prompt`: the whole prompt, with {text} the rendered question and {system} the system turn;
+# `answer`: the text the model is trained to emit right after the prompt, and `eos` whether the end-of-sequence
+# token follows it. `system` (authors only) wraps the system text as the family's template writes a system turn;
+# their training rows of the VQA task have no system text: `vqa_system` None leaves the turn out (LLaVA: no
+# system message), "" writes an empty one (Qwen: an empty system message; InstructBLIP: system_prompt="").
+PROMPTS = {
+    ("llava", "ours"): dict(render=perturb.render, prompt="USER: <image>\n{text} ASSISTANT:", answer=" {}", eos=True),
+    ("qwen2.5-vl", "ours"): dict(
+        render=perturb.render, prompt=SYSTEM_QWEN + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        "{text}<|im_end|>\n<|im_start|>assistant\n", answer="{}", eos=True),
+    ("instructblip", "ours"): dict(render=perturb.render, prompt="{text}", answer=" {}", eos=True),
+    # modules/data/LlavaDataset.py: processor.apply_chat_template([system, user(image, question)],
+    # add_generation_prompt=True) + answer; the llava-1.5 template writes a system turn as its text + " " and
+    # ends in "ASSISTANT:", so a row is "{system} USER: <image>\nQuestion:\n...D: tree\n ASSISTANT:A". The answer
+    # has no space: after "ASSISTANT:" LLaMA's tokenizer gives the bare "A" (29909), not "▁A" (319).
+    # data_collator.py's LLaVADataCollator labels every token after "ASSISTANT:" but padding: no "</s>".
+    ("llava", "authors"): dict(render=render_authors, prompt="{system}USER: <image>\n{text} ASSISTANT:",
+                               system="{} ", vqa_system=None, answer="{}", eos=False),
+    # modules/data/QwenDataset.py: the same conversation through Qwen2.5-VL's template, the system message
+    # always given (empty for VQA rows, so no "You are a helpful assistant."):
+    # "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>
+    # Question:\n...<|im_end|>\n<|im_start|>assistant\nA". QwenDataCollator labels what follows "assistant\n":
+    # "A" (32), no "<|im_end|>".
+    ("qwen2.5-vl", "authors"): dict(
+        render=render_authors, prompt="{system}<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        "{text}<|im_end|>\n<|im_start|>assistant\n", system="<|im_start|>system\n{}<|im_end|>\n", vqa_system="",
+        answer="{}", eos=False),
+    # modules/prompt/__init__.py, no chat template: blip_visual_format_train
+    # "{system_prompt}\n{user_input} <answer> {answer}" (InstructBlipDataset.py; VQA rows system_prompt=""),
+    # labels after "<answer>": "▁A" (319), no "</s>". Their evaluation prompt blip_visual_format
+    # "{system_prompt}\n{user_input} <answer> " ends in a space, which LLaMA's tokenizer makes a lone "▁" (29871)
+    # that training never put before the letter; we leave it out, so evaluation reads the letter token trained.
+    ("instructblip", "authors"): dict(render=render_authors, prompt="{system}{text} <answer>",
+                                      system="{}\n", vqa_system="", answer=" {}", eos=False),
+}
+STYLES = ("ours", "authors")
+
+
+def _row(processor, style):
+    if style not in STYLES:
+        raise ValueError(f"unknown prompt style {style!r}: expected one of {', '.join(STYLES)}")
+    return PROMPTS[family(processor), style]
+
+
+def prompt_text(processor, sample, train=False, style="ours"):
+    """The whole prompt string the processor receives for sample (before its image tokens are expanded and
+    without the answer). Style "authors" writes their training system prompt when train and their evaluation
+    one otherwise, as their training and evaluation code do."""
+    row, system = _row(processor, style), ""
+    if "system" in row:
+        vqa = sample["task"] == "vqa"
+        text = AUTHORS_SYSTEM_EVAL if not train else row["vqa_system"] if vqa else AUTHORS_SYSTEM_TRAIN
+        system = "" if text is None else row["system"].format(text)
+    return row["prompt"].format(system=system, text=row["render"](sample))
 
 
 def family(model_or_processor):
@@ -223,22 +299,23 @@ def _ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def answer_ids(processor, text):
+def answer_ids(processor, text, style="ours"):
     """Token ids of an answer (a letter, or an instruction sample's reply) as the model emits it after the
-    prompt, plus end of sequence. Tokenized in context (after the template's tail): tokenizers merge."""
-    return answers_ids(processor, [text])[0]
+    prompt, plus end of sequence where the style trains it. Tokenized in context (after the template's tail):
+    tokenizers merge."""
+    return answers_ids(processor, [text], style)[0]
 
 
-def answers_ids(processor, texts):
+def answers_ids(processor, texts, style="ours"):
     """answer_ids of many answers, tokenized in one call."""
-    f, tok = FAMILIES[family(processor)], processor.tokenizer
-    tail = f["prompt"].rsplit("{}", 1)[1] or "\n"
+    row, tok = _row(processor, style), processor.tokenizer
+    tail = row["prompt"].rsplit("{text}", 1)[1] or "\n"
     context, out = _ids(tok, tail), []
-    fulls = tok([tail + f["answer"].format(t) for t in texts], add_special_tokens=False)["input_ids"]
+    fulls = tok([tail + row["answer"].format(t) for t in texts], add_special_tokens=False)["input_ids"]
     for text, full in zip(texts, fulls):
         if full[:len(context)] != context or len(full) == len(context):
             raise ValueError(f"tokenizer merges the answer {text!r} into the prompt's tail {tail!r}")
-        out.append(full[len(context):] + [tok.eos_token_id])
+        out.append(full[len(context):] + [tok.eos_token_id] * row["eos"])
     return out
 
 
@@ -248,16 +325,16 @@ def n_image_tokens(processor, size):
     return FAMILIES[family(processor)]["image_tokens"](processor, tuple(size))
 
 
-def n_tokens(processor, sample, size, train=True):
+def n_tokens(processor, sample, size, train=True, style="ours"):
     """The length collate gives sample (with its answer when train), from its text and its image's size."""
-    return lengths(processor, [sample], [size], train)[0]
+    return lengths(processor, [sample], [size], train, style)[0]
 
 
-def lengths(processor, samples, sizes, train=True):
+def lengths(processor, samples, sizes, train=True, style="ours"):
     """n_tokens of many samples, tokenized in one call (a fast tokenizer's batch runs on all cores). The
     prompt's one placeholder (LLaVA's <image>, Qwen's <|image_pad|>) is replaced by the image tokens, and
     InstructBLIP's prompt has none: its processor prepends the query tokens."""
-    f, tok = FAMILIES[family(processor)], processor.tokenizer
+    tok = processor.tokenizer
     placeholder = tok.convert_tokens_to_ids(str(processor.image_token))
     per_size = {}
     for s, size in zip(samples, sizes):
@@ -266,37 +343,37 @@ def lengths(processor, samples, sizes, train=True):
                 per_size[tuple(size)] = n_image_tokens(processor, size)
             except ValueError as e:  # Qwen2-VL's refusal of an aspect ratio over 200, as collate says it
                 raise ValueError(f"sample {s['id']!r}: {e}") from e
-    ids = tok([f["prompt"].format(perturb.render(s)) for s in samples])["input_ids"]
+    ids = tok([prompt_text(processor, s, train, style) for s in samples])["input_ids"]
     out = [len(i) - i.count(placeholder) + per_size[tuple(size)] for i, size in zip(ids, sizes)]
     if train:  # with the answer's tokens, each distinct answer tokenized once
         answers = [s["answer"] if s["options"] is None else perturb.LETTERS[s["answer"]] for s in samples]
         distinct = sorted(set(answers))
-        n = {a: len(ids) for a, ids in zip(distinct, answers_ids(processor, distinct))}
+        n = {a: len(ids) for a, ids in zip(distinct, answers_ids(processor, distinct, style))}
         out = [k + n[a] for k, a in zip(out, answers)]
     return out
 
 
-def option_token_ids(processor, n):
+def option_token_ids(processor, n, style="ours"):
     """The first token of each answer letter: the next-token logits scored for A, B, C, ..."""
-    return [answer_ids(processor, perturb.LETTERS[i])[0] for i in range(n)]
+    return [ids[0] for ids in answers_ids(processor, list(perturb.LETTERS[:n]), style)]
 
 
-def collate(processor, samples, train=True, max_length=None):
-    """Render samples with the family's template into a right-padded batch the transformers forward
-    accepts, plus `labels` (-100 except the answer tokens when `train`) and `tasks`."""
+def collate(processor, samples, train=True, max_length=None, style="ours"):
+    """Render samples with the family's template (PROMPTS[family, style]) into a right-padded batch the
+    transformers forward accepts, plus `labels` (-100 except the answer tokens when `train`) and `tasks`."""
     fam = family(processor)
     f, tok, size = FAMILIES[fam], processor.tokenizer, image_size(processor)
     rows = []
     for s in samples:
         image = perturb.load_image(s, size)  # a DataError of its own, naming the sample and the file
         try:
-            enc = processor(images=image, text=f["prompt"].format(perturb.render(s)), return_tensors="pt")
+            enc = processor(images=image, text=prompt_text(processor, s, train, style), return_tensors="pt")
         except ValueError as e:  # the processor's own refusals (Qwen2-VL: an aspect ratio over 200) name no sample
             raise ValueError(f"sample {s['id']!r}: {e}") from e
         enc = {k: v for k, v in enc.items() if k in SEQUENCE_KEYS or k in f["image_keys"]}
         n_prompt = enc["input_ids"].shape[1]
         answer = [] if not train else answer_ids(
-            processor, s["answer"] if s["options"] is None else perturb.LETTERS[s["answer"]])
+            processor, s["answer"] if s["options"] is None else perturb.LETTERS[s["answer"]], style)
         if answer:
             extra = torch.tensor([answer])
             enc["input_ids"] = torch.cat([enc["input_ids"], extra], 1)

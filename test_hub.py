@@ -92,7 +92,7 @@ def test_letters_and_labels_are_what_the_model_emits_after_its_prompt(real, fam)
     where = (batch["labels"][0] != -100).nonzero().flatten().tolist()
     assert batch["labels"][0, where].tolist() == [B, EOS]
     # the prompt and its answer tokenized in one piece, as the model reads its own reply
-    text = M.FAMILIES[fam]["prompt"].format(perturb.render(s)) + " B"
+    text = M.prompt_text(p, s, train=True) + " B"
     ids = p.tokenizer(text)["input_ids"] + [EOS]
     got = batch["input_ids"][0].tolist()
     got = [t for t in got if t != IMAGE[fam]] if fam == "instructblip" else got
@@ -107,7 +107,7 @@ def test_llava_prompt_is_the_checkpoints_chat_template(real):
     p = real("llava")[1]
     text = perturb.render(_sample())
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    assert M.FAMILIES["llava"]["prompt"].format(text) == p.apply_chat_template(chat, add_generation_prompt=True)
+    assert M.prompt_text(p, _sample()) == p.apply_chat_template(chat, add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("fam, side, n", [("llava", 336, 576), ("instructblip", 224, 32)])
@@ -199,13 +199,13 @@ def test_train_then_export_reloads_with_the_sources_tokenization(real, fam, tmp_
     if fam != "qwen2.5-vl":
         auto = transformers.AutoProcessor.from_pretrained(out)
         tokenizers["AutoProcessor"] = auto.tokenizer
-        image, prompt = _sample()["image"], M.FAMILIES[fam]["prompt"].format(perturb.render(_sample()))
+        image, prompt = _sample()["image"], M.prompt_text(p, _sample())
         assert auto(images=image, text=prompt)["input_ids"] == p(images=image, text=prompt)["input_ids"]
-    template = M.FAMILIES[fam]["prompt"]
-    tail = template.rsplit("{}", 1)[1]
-    after_tail = [tail + M.FAMILIES[fam]["answer"].format(letter) + end for letter in "ABCD"
-                  for end in ("", "</s>", "<|im_end|>")]
-    strings = STRINGS + SPECIALS + NEWLINES + [template.format(perturb.render(_sample()))] + after_tail
+    rows = [M.PROMPTS[fam, style] for style in M.STYLES]
+    after_tail = [row["prompt"].rsplit("{text}", 1)[1] + row["answer"].format(letter) + end
+                  for row in rows for letter in "ABCD" for end in ("", "</s>", "<|im_end|>")]
+    prompts = [M.prompt_text(p, _sample(), train, style) for train in (True, False) for style in M.STYLES]
+    strings = STRINGS + SPECIALS + NEWLINES + prompts + after_tail
     for name, tok in tokenizers.items():
         for text in strings:
             for special in (True, False):
@@ -213,7 +213,8 @@ def test_train_then_export_reloads_with_the_sources_tokenization(real, fam, tmp_
                 assert tok(text, add_special_tokens=special)["input_ids"] == want, (name, text, special)
         assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (
             p.tokenizer.pad_token_id, p.tokenizer.eos_token_id, p.tokenizer.bos_token_id), name
-    assert M.option_token_ids(p2, 4) == M.option_token_ids(p, 4)
+    for style in M.STYLES:
+        assert M.option_token_ids(p2, 4, style) == M.option_token_ids(p, 4, style), style
     assert p2.chat_template == p.chat_template and p2.tokenizer.chat_template == p.tokenizer.chat_template
     assert plain.generation_config.eos_token_id == m.generation_config.eos_token_id
     reply = dict(_sample(), id="s-2", task="vqa", options=None, answer="A cat.\nIt sits on 2 mats.")
@@ -269,3 +270,121 @@ def test_a_prompt_past_the_context_is_named_with_its_intervention(real, tmp_path
     msg = str(e.value)
     assert "'img-0'" in msg and re.search(r"\buf\b", msg), msg
     assert "raise max_length" not in msg and "with its answer" not in msg, msg
+
+
+# ---- style "authors": the prompts of luisrui/Modality-Interference-in-MLLMs (911003a), written out here -----------
+
+# modules/prompt/__init__.py: qa_vqa_prompt_multi_choices_train (their training rows), qa_image_prompt (src/predict.py)
+AUTHORS_TRAIN = ("You are an expert at question answering. Given the question and the context image of the question, "
+                 "please output the answer. Please provide a concise answer, no explanation and further question.")
+AUTHORS_EVAL = ("You are an expert at question answering. Given the question and the context image of the question, "
+                "please output the answer. Please provide a concise option, no explanation and further question.")
+# src/construct_data.py and modules/utils/aug_utils.py: f"Question:\n{question}\nOption:\n{choices_text}"
+AUTHORS_QUESTION = "Question:\nWhat is shown in the image?\nOption:\nA: dog\nB: cat\nC: car\nD: tree\n"
+# (training prompt, evaluation prompt, VQA training prompt): LLaVA through llava-1.5's chat template (LlavaDataset.py;
+# VQA rows without a system message), InstructBLIP blip_visual_format_train and blip_visual_format less its final
+# space (InstructBlipDataset.py; VQA rows with system_prompt ""). Their rows append the answer right after the prompt.
+AUTHORS_ROWS = {
+    "llava": (AUTHORS_TRAIN + " USER: <image>\n" + AUTHORS_QUESTION + " ASSISTANT:",
+              AUTHORS_EVAL + " USER: <image>\n" + AUTHORS_QUESTION + " ASSISTANT:",
+              "USER: <image>\nWhat is in the image? ASSISTANT:"),
+    "instructblip": (AUTHORS_TRAIN + "\n" + AUTHORS_QUESTION + " <answer>",
+                     AUTHORS_EVAL + "\n" + AUTHORS_QUESTION + " <answer>",
+                     "\nWhat is in the image? <answer>"),
+}
+AUTHORS_LETTERS = {"llava": [29909, 29933, 29907, 29928],  # "A".."D": no "▁" after "ASSISTANT:"
+                   "instructblip": [A, B, C, D], "qwen2.5-vl": [32, 33, 34, 35]}
+
+
+def _vqa(answer="A cat on 2 mats."):
+    return dict(_sample(), id="s-2", task="vqa", question="What is in the image?", options=None, answer=answer)
+
+
+def _with_image_tokens(fam, ids):
+    """ids as the processor expands them: LLaVA's one <image> into 576, InstructBLIP's 32 query tokens in front."""
+    if fam == "llava":
+        at = ids.index(IMAGE[fam])
+        return ids[:at] + [IMAGE[fam]] * 576 + ids[at + 1:]
+    return [IMAGE[fam]] * 32 + ids
+
+
+@pytest.mark.parametrize("fam", ["llava", "instructblip"])
+def test_authors_prompt_is_their_string_and_trains_the_bare_answer(real, fam):
+    _, p, _ = real(fam)
+    train_row, eval_row, vqa_row = AUTHORS_ROWS[fam]
+    answer = {"llava": "{}", "instructblip": " {}"}[fam]  # what follows "ASSISTANT:" / "<answer>"
+    assert M.prompt_text(p, _sample(), train=False, style="authors") == eval_row
+    # src/predict.py gives VQA questions the evaluation system prompt too
+    assert M.prompt_text(p, _vqa(), style="authors") == eval_row.replace(AUTHORS_QUESTION, "What is in the image?")
+    cases = [(_sample(), True, train_row, "B"), (_sample(), False, eval_row, ""),
+             (_vqa(), True, vqa_row, "A cat on 2 mats.")]
+    for s, train, prompt, reply in cases:
+        batch = M.collate(p, [s], train=train, style="authors")
+        want = p.tokenizer(prompt + answer.format(reply) * train)["input_ids"]  # the row tokenized whole, as they do
+        assert batch["input_ids"][0].tolist() == _with_image_tokens(fam, want), (s["task"], train)
+        labels = batch["labels"][0]  # what follows the prompt, with no "</s>"
+        assert labels[labels != -100].tolist() == want[len(p.tokenizer(prompt)["input_ids"]):], (s["task"], train)
+    assert p.tokenizer.convert_ids_to_tokens(M.answer_ids(p, "B", style="authors")) == [
+        {"llava": "B", "instructblip": "▁B"}[fam]]
+    if fam == "llava":  # LlavaDataset.py: apply_chat_template(conversation, add_generation_prompt=True) + answer
+        chat = [{"role": "system", "content": [{"type": "text", "text": AUTHORS_TRAIN}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": AUTHORS_QUESTION}]}]
+        assert p.apply_chat_template(chat, add_generation_prompt=True) == train_row
+    else:  # their evaluation prompt's final space would be a lone "▁", a token training never put before the letter
+        assert p.tokenizer(eval_row + " ", add_special_tokens=False)["input_ids"][-2:] == [29958, 29871]
+
+
+@pytest.mark.parametrize("fam", ["llava", "instructblip", "qwen2.5-vl"])
+def test_authors_letters_are_the_tokens_collate_trains(real, fam):
+    _, p, _ = real(fam)
+    trained = [M.collate(p, [_sample(answer=i)], style="authors")["labels"][0] for i in range(4)]
+    assert [t[t != -100].tolist() for t in trained] == [[i] for i in AUTHORS_LETTERS[fam]]  # one token, no end
+    assert M.option_token_ids(p, 4, style="authors") == AUTHORS_LETTERS[fam]
+    with pytest.raises(ValueError, match="'theirs'"):
+        M.collate(p, [_sample()], style="theirs")
+
+
+@pytest.mark.parametrize("fam", ["llava", "instructblip", "qwen2.5-vl"])
+def test_authors_lengths_are_the_lengths_collate_gives(real, fam):
+    _, p, _ = real(fam)
+    image = dict(_sample(), image=Image.new("RGB", (333, 150), (200, 10, 10)), facts={"0": "This is a dog in a field."})
+    text = dict(_sample(question="What color is the sky?", options=("red", "blue")), id="t-1", task="text_heavy",
+                image=None)
+    choice = dict(_vqa(), id="s-3", options=["cat", "dog"], answer=0)  # a VQA question with options: a letter
+    rows = [image, perturb.perturb(image, "uf", 0, pool="train"), perturb.perturb(image, "md", 1, pool="train"),
+            perturb.perturb(text, "fb", 0, size=M.image_size(p)), _vqa(), choice]
+    for s in rows:
+        size = s["image"].size
+        for train in (True, False):
+            n = M.collate(p, [s], train=train, style="authors")["input_ids"].shape[1]
+            assert M.n_tokens(p, s, size, train, style="authors") == n, (s["id"], s.get("intervention"), train)
+            assert M.n_tokens(p, s, size, train) != n  # the styles differ, so the check above reads the style
+    sizes = [s["image"].size for s in rows]
+    assert M.lengths(p, rows, sizes, style="authors") == [M.n_tokens(p, s, z, style="authors")
+                                                          for s, z in zip(rows, sizes)]
+
+
+@pytest.mark.parametrize("fam", ["llava", "instructblip", "qwen2.5-vl"])
+def test_a_model_trained_in_the_authors_format_scores_its_letter_after_their_eval_prompt(real, fam):
+    """A few AdamW steps on collate(style="authors") rows (their training prompt) that always answer the letter the
+    untrained model likes least; after their evaluation prompt, the token option_token_ids(style="authors") gives
+    for that letter must then be the model's most likely next token (LLaVA: the bare "C", not the "▁C" of ours)."""
+    m, p = M.load(real(fam)[2])  # a fresh copy: the session's model stays untrained
+    letters = M.option_token_ids(p, 4, style="authors")
+
+    def next_token_logits():
+        M.train_mode(m, False)
+        with torch.no_grad():
+            batch = M.collate(p, [_sample(question="Which one is it?")], train=False, style="authors")
+            return m(**M.model_inputs(batch)).logits[0, -1]
+    target = int(next_token_logits()[letters].argmin())
+    M.freeze(m)
+    M.train_mode(m)
+    opt = torch.optim.AdamW([w for w in m.parameters() if w.requires_grad], lr=1e-2)
+    for _ in range(4):
+        batch = M.collate(p, [_sample(answer=target)], style="authors")
+        m(**M.model_inputs(batch), labels=batch["labels"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert int(next_token_logits().argmax()) == letters[target]
+

@@ -79,7 +79,7 @@ def test_prompt_is_the_checkpoint_chat_template(tiny):
     _, p, _ = tiny
     s = _sample(None, task="text_heavy")
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": perturb.render(s)}]}]
-    ours = M.FAMILIES["qwen2.5-vl"]["prompt"].format(perturb.render(s))
+    ours = M.prompt_text(p, s)
     assert ours == p.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
     assert ours == p.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
 
@@ -175,3 +175,30 @@ def test_an_image_qwen_cannot_take_names_its_sample(tiny):
     _, p, _ = tiny
     with pytest.raises(ValueError, match="'s0'"):
         M.collate(p, [_sample(Image.new("RGB", (1200, 5)))])
+
+
+def test_authors_prompt_is_their_chat_template_row_and_trains_the_bare_letter(tiny):
+    """QwenDataset.py: apply_chat_template([system, user(image, question)], add_generation_prompt=True) + answer, the
+    system message empty for VQA rows; src/predict.py's evaluation rows carry qa_image_prompt. QwenDataCollator labels
+    what follows "assistant\\n": the letter alone, no <|im_end|>."""
+    from test_hub import AUTHORS_EVAL, AUTHORS_QUESTION, AUTHORS_TRAIN
+    _, p, _ = tiny
+    letter = _sample(None, task="text_heavy")
+    reply = dict(_sample(Image.new("RGB", (64, 64)), task="vqa"), options=None, answer="A cat.")
+    cases = [(letter, True, AUTHORS_TRAIN, AUTHORS_QUESTION, "B"), (letter, False, AUTHORS_EVAL, AUTHORS_QUESTION, ""),
+             (reply, True, "", "What is shown in the image?", "A cat.")]
+    for s, train, system, text, answer in cases:
+        prompt = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>"
+                  f"<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n")
+        assert M.prompt_text(p, s, train, style="authors") == prompt
+        chat = [{"role": "system", "content": [{"type": "text", "text": system}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        assert p.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == prompt
+        b = M.collate(p, [s], train=train, style="authors")
+        want = p.tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        at, n = want.index(151655), int((b["input_ids"][0] == 151655).sum())  # <|image_pad|>, expanded
+        assert b["input_ids"][0].tolist() == want[:at] + [151655] * n + want[at + 1:], (s["task"], train)
+        labels = b["labels"][0][b["labels"][0] != -100].tolist()
+        assert labels == p.tokenizer(answer, add_special_tokens=False)["input_ids"], (s["task"], train)
+    assert M.answer_ids(p, "B", style="authors") == [33]  # "B", no <|im_end|>; ours: [33, 151645]
+    assert M.option_token_ids(p, 4, style="authors") == [32, 33, 34, 35] == M.option_token_ids(p, 4)
