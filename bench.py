@@ -38,18 +38,21 @@ def phase_names(pgd_steps):
             "optimizer"]
 
 
-def floor(preset, pgd_steps, ratio_image=0.25, ratio_text=0.25):
-    """Work of one LLM step relative to fft-aug's, counted in row passes: a forward is 1, a backward
+def floor(preset, pgd_steps, ratio_image=0.25, ratio_text=0.25, twins="one"):
+    """Work of one LLM step relative to fft-aug's (one twin), counted in row passes: a forward is 1, a backward
     with parameter gradients 2, a backward w.r.t. the input only (PGD's, gradients w.r.t. delta) 1.
-    Image- and text-heavy originals get a twin; they and their twins are the rows PGD/RG perturb."""
+    Image- and text-heavy originals get a twin, or with twins="all" one of each of their task's training
+    interventions (train.py's TWINS: UF, MD; RI, FB, FW); they and their twins are the rows PGD/RG perturb."""
     heavy = ratio_image + ratio_text
+    base = 3 * (1 + heavy)  # fft-aug: the originals and a twin per heavy one, forward and backward
     if preset == "fft-vqa":
-        return 3 * 1 / (3 * (1 + heavy))
-    rows, adv = 1 + heavy, 2 * heavy
+        return 3 * 1 / base
+    twin_rows = heavy if twins == "one" else 2 * ratio_image + 3 * ratio_text
+    rows, adv = 1 + twin_rows, heavy + twin_rows
     work = 3 * rows
     if preset in ("rg", "pgd", "ours"):
         work += 3 * adv + (2 * adv * pgd_steps if preset != "rg" else 0)
-    return work / (3 * rows)
+    return work / base
 
 
 def run_preset(name, preset, extra, folder, data, out, steps, batch):
@@ -87,18 +90,19 @@ def speed(args):
         words = open(os.path.join(data, "vocab.txt"), encoding="utf-8").read().split()
         M.make_tiny("llava", folder, words, seed=0, dtype=None if arch in ("tiny", "cpu") else torch.bfloat16,
                     **ARCHS[arch])
-    runs = [(p, p, []) for p in args.presets]
-    if "ours" in args.presets:  # the price of each extra PGD step
-        runs += [(f"ours T={t}", "ours", ["--pgd-steps", str(t)]) for t in args.extra_pgd_steps]
+    runs = [(p, p, [], {}) for p in args.presets]  # (row, preset, train.py flags, floor's arguments)
+    if "ours" in args.presets:  # the price of each extra PGD step, and of training on every twin
+        runs += [(f"ours T={t}", "ours", ["--pgd-steps", str(t)], dict(pgd_steps=t)) for t in args.extra_pgd_steps]
+        runs += [("ours twins=all", "ours", ["--twins", "all"], dict(twins="all"))] * args.twins_all
     results, t0 = {}, time.time()
     names = phase_names(max([2, *args.extra_pgd_steps]))
-    for i, (name, preset, extra) in enumerate(runs):
+    for i, (name, preset, extra, cost) in enumerate(runs):
         print(f"[{time.time() - t0:4.0f}s] {name} ({i + 1}/{len(runs)}): {args.warmup} warm-up + {args.steps} "
               f"timed steps", flush=True)
         lines = run_preset(name.replace(" ", "").replace("=", ""), preset, extra + args.train_args, folder,
                            os.path.join(data, "train.jsonl"), args.out, args.warmup + args.steps, args.batch_size)
         results[name] = summarize(lines, args.warmup, args.batch_size, names)
-        results[name]["floor"] = floor(preset, int(extra[1]) if extra else 2)
+        results[name]["floor"] = floor(preset, **{"pgd_steps": 2, **cost})
     base = results.get("fft-aug", next(iter(results.values())))["step"]
     used = [k for k in names if any(r["phases"][k] > 0 for r in results.values())]
     cores = len(os.sched_getaffinity(0))
@@ -187,6 +191,8 @@ def main(argv=None):
     trained = ["fft-vqa", "fft-aug", "kl", "js", "rg", "pgd", "ours"]  # vanilla has no step to time
     p.add_argument("--presets", nargs="+", choices=trained, default=trained)
     p.add_argument("--extra-pgd-steps", type=int, nargs="*", default=[1, 3], help="ours with these PGD steps too")
+    p.add_argument("--twins-all", action=argparse.BooleanOptionalAction, default=True,
+                   help="ours with --twins all too (every twin of each original, as the authors train)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="timed steps per preset")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, caches)")

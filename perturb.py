@@ -14,6 +14,7 @@ import string
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -262,6 +263,19 @@ def _facts_split():
     return ([lines[i] for i in sorted(order[n_eval:])], [lines[i] for i in sorted(order[:n_eval])])
 
 
+def read_facts(path):
+    """The UF facts of a user's file (--facts-file): one a line, blank lines skipped. Used whole by both
+    pools (the built-in file is split into a train and an eval pool)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            facts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the facts file: {e} (pass a UTF-8 text file, one fact a line)") from e
+    if not facts:
+        raise DataError(f"{path}: no facts (the file needs at least one non-empty line, one fact a line)")
+    return facts
+
+
 def unrelated_facts(pool="eval"):
     """Sentences of data/unrelated_facts.txt for UF. The split is fixed: the line indices are
     shuffled with random.Random(0); the first len // 5 (20%) form the "eval" pool and the rest
@@ -312,26 +326,41 @@ def _new(sample, **changes):
     return {**sample, "options": None if sample["options"] is None else list(sample["options"]), **changes}
 
 
-def _orig(sample, rng, size, pool, ri_images, k):
+class Options(NamedTuple):
+    """What an intervention draws from, as perturb() takes it (see there)."""
+    size: object = 336
+    pool: str = "eval"
+    ri_images: object = None
+    k: int = 10
+    facts: object = None
+    replace: bool = False
+
+
+def _orig(sample, rng, o):
     """Also rp: the default image of a text-heavy sample is random pixels."""
     if sample["task"] == "text_heavy":
-        return _new(sample, image=random_pixels(sample["id"], size))
+        return _new(sample, image=random_pixels(sample["id"], o.size))
     return _new(sample)
 
 
-def _uf(sample, rng, size, pool, ri_images, k):
-    candidates = [f for f in unrelated_facts(pool) if not mentions(f, sample["options"])]
-    if not 1 <= k <= len(candidates):
-        raise ValueError(f"uf needs 1 <= k <= {len(candidates)} facts that mention no option of "
-                         f"sample {sample['id']!r}, got k={k} (lower k or add facts)")
-    return _new(sample, question=" ".join(rng.sample(candidates, k)) + " " + sample["question"])
+def _uf(sample, rng, o):
+    facts = unrelated_facts(o.pool) if o.facts is None else o.facts
+    candidates = [f for f in facts if not mentions(f, sample["options"])]
+    if o.k < 1:
+        raise ValueError(f"uf needs k >= 1 facts, got k={o.k} (sample {sample['id']!r})")
+    if not candidates or (o.k > len(candidates) and not o.replace):  # with replacement one fact is enough
+        need = "a fact that mentions" if o.replace else f"{o.k} facts that mention"
+        raise ValueError(f"uf needs {need} no option of sample {sample['id']!r}, has {len(candidates)} (add facts"
+                         f"{'' if o.replace else ', lower k or draw them with replacement'})")
+    drawn = rng.choices(candidates, k=o.k) if o.replace else rng.sample(candidates, o.k)
+    return _new(sample, question=" ".join(drawn) + " " + sample["question"])
 
 
-def _md(sample, rng, size, pool, ri_images, k):
+def _md(sample, rng, o):
     right = [sample["options"][sample["answer"]]]
     wrong = [i for i in range(len(sample["options"])) if i != sample["answer"]]
     rng.shuffle(wrong)
-    templates = md_templates(pool)
+    templates = md_templates(o.pool)
     rng.shuffle(templates)
     # a prewritten description beats a template, so the draw is among the wrong options that have a
     # usable one; any text that names the right option (right "cat", wrong "cat food") would make MD
@@ -349,15 +378,17 @@ def _md(sample, rng, size, pool, ri_images, k):
                      f"{right[0]!r} (reword the options or skip md for this sample)")
 
 
-def longest(sample, name, facts=None, k=10, pool="train"):
+def longest(sample, name, facts=None, k=10, pool="train", replace=False):
     """The longest question UF or MD can give sample, a draw each can make: UF with the first k of `facts`
-    (the pool's facts, longest first, e.g. in tokens) that name no option, MD with the longest text _md can
-    choose (a usable prewritten description if the sample has one, else a template). What train.py measures
-    against --max-length before the model loads; _uf's or _md's error where they would fail."""
+    (the facts UF draws from, longest first, e.g. in tokens) that name no option, or with replace=True the
+    first one k times; MD with the longest text _md can choose (a usable prewritten description if the sample
+    has one, else a template). What train.py measures against --max-length before the model loads; _uf's or
+    _md's error where they would fail."""
     if name == "uf":
-        chosen = list(itertools.islice((f for f in facts if not mentions(f, sample["options"])), max(k, 0)))
-        if not 1 <= k == len(chosen):
-            _uf(sample, random.Random(0), None, pool, None, k)  # raises its error: too few facts, or k < 1
+        usable = (f for f in facts if not mentions(f, sample["options"]))
+        chosen = list(itertools.islice(usable, 1)) * k if replace else list(itertools.islice(usable, max(k, 0)))
+        if not 1 <= k == len(chosen):  # raises its error: too few facts, or k < 1
+            _uf(sample, random.Random(0), Options(pool=pool, k=k, facts=facts, replace=replace))
         text = " ".join(chosen)
     else:
         right = [sample["options"][sample["answer"]]]
@@ -366,29 +397,32 @@ def longest(sample, name, facts=None, k=10, pool="train"):
         texts = described or [text for i in wrong for t in md_templates(pool)
                                if not mentions(text := t.format(wrong=sample["options"][i]), right)]
         if not texts:
-            _md(sample, random.Random(0), None, pool, None, k)
+            _md(sample, random.Random(0), Options(pool=pool))
         text = max(texts, key=len)
     return _new(sample, question=text + " " + sample["question"])
 
 
-def _ri(sample, rng, size, pool, ri_images, k):
-    if not ri_images:
+def _ri(sample, rng, o):
+    if not o.ri_images:
         raise ValueError("ri needs ri_images, a non-empty list of image paths unrelated to the questions "
                          "(e.g. ri_pool(samples) for the image-heavy images of the data, or ri_pool(folder=...))")
-    return _new(sample, image=rng.choice(list(ri_images)))
+    return _new(sample, image=rng.choice(list(o.ri_images)))
 
 
-def _canvas(sample, rng, size, pool, ri_images, k, *, value):
-    return _new(sample, image=canvas(value, size))
+def _canvas(sample, rng, o, *, value):
+    return _new(sample, image=canvas(value, o.size))
 
 
 INTERVENTIONS = {"orig": _orig, "uf": _uf, "md": _md, "rp": _orig, "ri": _ri,
                  "fb": functools.partial(_canvas, value=0), "fw": functools.partial(_canvas, value=255)}
 
 
-def perturb(sample, name, rng, *, size=336, pool="eval", ri_images=None, k=10):
-    """A new sample with intervention=name. rng: random.Random or seed; pool: which facts and md
-    wordings ("train" or "eval"); ri_images: paths ri draws from; k: number of uf facts."""
+def perturb(sample, name, rng, *, size=336, pool="eval", ri_images=None, k=10, facts=None, replace=False):
+    """A new sample with intervention=name. rng: random.Random or seed; size: the side (or (w, h)) of the
+    fb/fw canvases and of a text-heavy sample's random pixels (orig, rp); pool: which facts and md wordings
+    ("train" or "eval"); ri_images: paths ri draws from; k: number of uf facts; facts: uf's sentences
+    instead of the built-in pool's (e.g. read_facts(path), used whole whatever the pool); replace: draw the
+    k facts with replacement (as the authors do), so k may exceed their number."""
     if name not in INTERVENTIONS:
         raise ValueError(f"unknown intervention {name!r} (choose from {', '.join(INTERVENTIONS)})")
     if sample["task"] not in APPLIES[name]:
@@ -396,4 +430,5 @@ def perturb(sample, name, rng, *, size=336, pool="eval", ri_images=None, k=10):
                          f"(it applies to {', '.join(APPLIES[name])})")
     _check_pool(pool)
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
-    return {**INTERVENTIONS[name](sample, rng, size, pool, ri_images, k), "intervention": name}
+    options = Options(size, pool, ri_images, k, None if facts is None else list(facts), replace)
+    return {**INTERVENTIONS[name](sample, rng, options), "intervention": name}

@@ -174,7 +174,7 @@ def test_resume_skips_a_damaged_checkpoint_and_never_touches_other_folders(toy, 
     data, models = toy
     out = tmp_path / "run"
     argv = ["--model", models["llava"], "--data", data, "--out", str(out), "--max-steps", "4", "--save-every", "1",
-            "--lr", "1e-3", "--eps", "0.05", "--no-export"]
+            "--lr", "1e-3", "--eps", "0.05", "--no-export", "--twins", "all"]  # every twin: exact on resume too
     _train(argv, monkeypatch)
     assert sorted(os.listdir(out)) == ["ckpt-00000003", "ckpt-00000004", "metrics.jsonl"]  # the last 2 kept
     whole = _metrics(out)
@@ -347,10 +347,11 @@ def test_a_batch_of_one_trains(toy, tmp_path, monkeypatch, capsys):
 
 
 def test_two_processes_with_a_batch_of_one_train_like_one(toy, tmp_path):
-    """Rank 1's second original is VQA while rank 0's is image-heavy: both must run the PGD passes."""
+    """Rank 1's second original is VQA while rank 0's is image-heavy: both must run the PGD passes. With every
+    twin, the ranks hold different numbers of rows and consistency pairs, normalised by the global counts."""
     data, models = toy
     common = ["train.py", "--model", models["llava"], "--data", data, "--max-steps", "2", "--eps", "0.05",
-              "--ratio-image", "0.5", "--ratio-text", "0.25", "--no-export", "--out"]
+              "--ratio-image", "0.5", "--ratio-text", "0.25", "--twins", "all", "--no-export", "--out"]
     _one_process_like_two(common, tmp_path, 1, 29541, 2)
 
 
@@ -398,6 +399,154 @@ def test_progress_writes_plain_lines_to_a_log_file_and_one_live_line_to_a_termin
                                                                          "0:00 | loss 0.5\n")
 
 
+# ---- the authors' protocol as flags: every twin, the perturbation sources, their per-model settings -------
+
+def _training_interventions(task):
+    """What a task's twins may be, from APPLIES alone: every intervention of the task that changes the sample
+    (orig does not; rp is a text-heavy original's own random pixels)."""
+    return {n for n, tasks in APPLIES.items() if task in tasks} - {"orig", "rp"}
+
+
+def test_twins_all_makes_each_intervention_once_per_original_and_pairs_each(toy, tmp_path, monkeypatch):
+    data, models = toy
+    g = _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path), "--preset", "vanilla",
+                "--no-export", "--twins", "all", "--batch-size", "3", "--grad-accum", "2"], monkeypatch)
+    for step in range(3):
+        originals = g["originals"](step)
+        for m, batch in enumerate(g["micro_batches"](step)):
+            part = originals[m::2]  # one process: micro-step m takes every second original
+            expected = [(s["id"], f"{s['id']}/{n}") for s in part for n in _training_interventions(s["task"])]
+            ids, n = batch["ids"], len(part)
+            assert ids[:n] == [s["id"] for s in part] and sorted(ids[n:]) == sorted(t for _, t in expected)
+            assert sorted((ids[o], ids[t]) for o, t in batch["pairs"]) == sorted(expected)
+            # a row of each id (a small pool can put one original twice in a micro-batch: the same rows twice)
+            row, pixels, tokens = {i: r for r, i in enumerate(ids)}, batch["pixel_values"], batch["input_ids"]
+            for s in part:
+                o = row[s["id"]]
+                if s["task"] == "image_heavy":  # UF and MD change the text only
+                    for name in ("uf", "md"):
+                        t = row[f"{s['id']}/{name}"]
+                        assert torch.equal(pixels[t], pixels[o])
+                        assert batch["attention_mask"][t].sum() > batch["attention_mask"][o].sum()
+                if s["task"] == "text_heavy":  # RI, FB and FW change the image only
+                    fb, fw, ri = (row[f"{s['id']}/{name}"] for name in ("fb", "fw", "ri"))
+                    assert all(torch.equal(tokens[t], tokens[o]) for t in (fb, fw, ri))
+                    assert pixels[fb].unique().numel() == pixels[fw].unique().numel() == 3  # one value a channel
+                    assert (pixels[fw] > pixels[fb]).all() and not torch.equal(pixels[ri], pixels[o])
+            # the global counts: every heavy row is attacked; each original against each twin, its own
+            # adversarial copy once and each twin's adversarial copy
+            answers = (batch["labels"] != -100).sum(1).tolist()
+            heavy = [r for r, task in enumerate(batch["tasks"]) if task != "vqa"]
+            twins = {r: len(_training_interventions(s["task"])) for r, s in enumerate(part) if s["task"] != "vqa"}
+            assert g["token_counts"](batch).tolist() == [sum(answers), sum(answers[r] for r in heavy),
+                                                         sum(answers[o] * (2 * k + 1) for o, k in twins.items())]
+            pairs = g["consistency_pairs"](batch, heavy)
+            assert len(pairs) == len(set(pairs)) == sum(2 * k + 1 for k in twins.values())
+
+
+def test_facts_file_feeds_uf_whole_with_or_without_replacement(toy, tmp_path, monkeypatch):
+    data, models = toy
+    facts = ["Fact one is here .", "Fact two is here .", "Fact three is here ."]
+    path, empty = tmp_path / "facts.txt", tmp_path / "empty.txt"
+    path.write_text("\n" + "\n\n".join(facts) + "\n  \n")  # blank lines are skipped
+    empty.write_text("\n \n")
+    common = ["--model", models["llava"], "--data", data, "--preset", "vanilla", "--no-export", "--twins", "all"]
+    with monkeypatch.context() as m:
+        m.setattr(M, "load", _no_model)
+        for extra, message in [
+                (["--facts-file", str(path), "--k-facts", "4"],
+                 f"error: --k-facts 4: UF prepends 1 to 3 facts ({path}; more with --facts-replacement)"),
+                (["--facts-file", str(empty)], f"error: --facts-file {empty}: no facts"),
+                (["--facts-file", str(tmp_path / "nothing.txt")],
+                 f"error: --facts-file {tmp_path / 'nothing.txt'}: cannot read the facts file")]:
+            with pytest.raises(SystemExit, match=re.escape(message)):
+                _train(common + ["--out", str(tmp_path / "no")] + extra, monkeypatch)
+    image = next(s for s in perturb.load_samples(data) if s["task"] == "image_heavy")
+    for k, replace in ((3, False), (5, True)):
+        g = _train(common + ["--out", str(tmp_path / f"k{k}"), "--facts-file", str(path), "--k-facts", str(k)]
+                   + ["--facts-replacement"] * replace, monkeypatch)
+        draws = set()
+        for step in range(20):
+            uf = dict(g["twins_of"](image, step))[f"{image['id']}/uf"]
+            prefix = uf["question"].removesuffix(" " + image["question"])
+            used = re.findall(r"Fact \w+ is here \.", prefix)
+            assert " ".join(used) == prefix and len(used) == k and set(used) <= set(facts)
+            assert replace or sorted(used) == sorted(facts)  # without replacement: each fact once
+            draws.add(tuple(used))
+        assert len(draws) > 1
+    # the length pre-check's bound: with replacement the longest fact k times, a draw UF can make
+    longer = ["A fact longer than the other one .", "Short fact ."]
+    bound = perturb.longest(image, "uf", longer, k=4, replace=True)["question"]
+    assert bound == " ".join([longer[0]] * 4) + " " + image["question"]
+    with pytest.raises(ValueError, match="uf needs 4 facts that mention no option of sample .*, has 2"):
+        perturb.longest(image, "uf", longer, k=4)
+    # evaluation takes the same file whole, whichever pool
+    assert set(perturb.perturb(image, "uf", 0, pool="eval", facts=facts, k=3)["question"].split(" . ")[:3]) == \
+        {f.removesuffix(" .") for f in facts}
+
+
+def test_canvas_size_sets_the_canvases_and_random_pixels(toy, tmp_path, monkeypatch):
+    data, models = toy
+    seen, collate = [], M.collate
+    monkeypatch.setattr(M, "collate", lambda processor, rows, **k: seen.extend(rows) or collate(processor, rows, **k))
+    default = M.image_size(M.load_processor(models["llava"]))
+    for flag, side in (([], default), (["--canvas-size", "20"], 20)):
+        g = _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path / str(side)), "--preset",
+                    "vanilla", "--no-export", "--twins", "all"] + flag, monkeypatch)
+        seen.clear()
+        g["micro_batches"](0)
+        text = [r for r in seen if r["task"] == "text_heavy" and r["intervention"] != "ri"]
+        assert sorted(r["intervention"] for r in text) == ["fb", "fb", "fw", "fw", "orig", "orig"]
+        assert {r["image"].size for r in text} == {(side, side)}
+    assert default != 20
+
+
+AUTHORS = {  # their configs/model_train/<model>/args_full_{KL,JS}_PGD.yaml, read for this test (train.PAPER says which)
+    "llava-1.5-7b": dict(eps=1e-3, pgd_steps=2, lambda_cons=0.01, lr=2e-5, ratio_image=0.25, ratio_text=0.25),
+    "instructblip-vicuna-7b": dict(eps=0.05, pgd_steps=4, lambda_cons=0.01, lr=2e-5, ratio_image=0.25,
+                                   ratio_text=0.25),
+    "qwen2.5-vl-3b": dict(eps=0.01, pgd_steps=2, lambda_cons=0.001, lr=1e-5, ratio_image=0.25, ratio_text=0.25),
+    "qwen2.5-vl-7b": dict(eps=1e-3, pgd_steps=1, lambda_cons=0.001, lr=1e-5, ratio_image=0.125, ratio_text=0.125),
+}
+
+
+def _parse_flags(line):
+    """{'eps': 0.001, 'facts_replacement': True, ...} from '--eps 0.001 --facts-replacement ...'."""
+    out, words = {}, line.split()
+    while words:
+        name = words.pop(0).removeprefix("--").replace("-", "_")
+        value = True if not words or words[0].startswith("--") else words.pop(0)
+        for kind in (int, float):
+            try:
+                value = kind(value) if value is not True else value
+                break
+            except ValueError:
+                pass
+        out[name] = value
+    return out
+
+
+def test_paper_defaults_are_what_help_prints_and_the_run_records_and_explicit_flags_win(toy, tmp_path, monkeypatch,
+                                                                                       capsys):
+    data, models = toy
+    with pytest.raises(SystemExit):
+        _train(["--help"], monkeypatch)
+    shown = capsys.readouterr().out
+    printed = {}
+    for model, row in AUTHORS.items():
+        printed[model] = _parse_flags(re.search(rf"^  {re.escape(model)}: (--.*)$", shown, re.M).group(1))
+        assert printed[model] == dict(model=model, **row, twins="all", facts_replacement=True, canvas_size=336,
+                                      prompt="authors")
+    out = tmp_path / "run"
+    _train(["--paper-defaults", "qwen2.5-vl-7b", "--model", models["llava"], "--data", data, "--out", str(out),
+            "--max-steps", "1", "--save-every", "1", "--no-export", "--lr", "1e-3"], monkeypatch)
+    args = json.load(open(out / "ckpt-00000001" / "state.json"))["args"]
+    assert args["model"] == models["llava"] and args["lr"] == 1e-3  # flags given explicitly win
+    assert {k: args[k] for k in printed["qwen2.5-vl-7b"] if k not in ("model", "lr")} == \
+        {k: v for k, v in printed["qwen2.5-vl-7b"].items() if k not in ("model", "lr")}
+    assert _metrics(out)[0]["lr"] > 0
+
+
 # ---- bench.py: profile, compute floor, memory plan (what it measures is never asserted as a time) -------
 
 def test_profile_times_every_phase_without_changing_the_step(toy, tmp_path, monkeypatch):
@@ -431,6 +580,9 @@ def test_the_compute_floor_counts_row_passes():
     # + T PGD steps over those B rows, forward 1 + backward w.r.t. delta 1
     assert bench.floor("ours", 2) == bench.floor("pgd", 2) == pytest.approx((4.5 + 3 + 2 * 2) / 4.5)
     assert bench.floor("ours", 3) - bench.floor("ours", 2) == pytest.approx(2 / 4.5)
+    # every twin: B/4 image-heavy originals with 2 twins, B/4 text-heavy with 3, so 2.25 B rows, 1.75 B perturbed
+    assert bench.floor("fft-aug", 2, twins="all") == pytest.approx(3 * 2.25 / 4.5)
+    assert bench.floor("ours", 2, twins="all") == pytest.approx((3 * 2.25 + 3 * 1.75 + 2 * 2 * 1.75) / 4.5)
 
 
 def test_the_memory_plan_is_the_published_architecture_sharded_as_fsdp2_does():
@@ -456,13 +608,15 @@ def test_bench_times_each_preset_on_the_same_batches(tmp_path, capsys):
     bench.main(["--arch", "tiny", "--presets", "fft-aug", "ours", "--extra-pgd-steps", "1", "3", "--steps", "1",
                 "--out", str(tmp_path), "--plan"])
     results = json.load(open(tmp_path / "speed-tiny.json"))
-    assert list(results) == ["fft-aug", "ours", "ours T=1", "ours T=3"]
+    assert list(results) == ["fft-aug", "ours", "ours T=1", "ours T=3", "ours twins=all"]
     assert [results[k]["floor"] for k in results] == [bench.floor("fft-aug", 2), bench.floor("ours", 2),
-                                                      bench.floor("ours", 1), bench.floor("ours", 3)]
+                                                      bench.floor("ours", 1), bench.floor("ours", 3),
+                                                      bench.floor("ours", 2, twins="all")]
     assert not any(k.startswith("pgd") and v for k, v in results["fft-aug"]["phases"].items())
     assert results["ours T=3"]["phases"]["pgd3"] > 0 and results["ours"]["phases"]["pgd3"] == 0
     tokens = {k: r["tokens"] * r["step"] for k, r in results.items()}  # the same batches: the same tokens
-    assert len({round(t) for t in tokens.values()}) == 1
+    assert len({round(t) for k, t in tokens.items() if k != "ours twins=all"}) == 1
+    assert tokens["ours twins=all"] > tokens["ours"]  # the same originals with more twins
     out = capsys.readouterr().out
     assert "| fft-aug |" in out and "| 1.00 | 1.00 |" in out and "each extra PGD step" in out
 
@@ -574,7 +728,7 @@ def test_a_row_longer_than_measured_stops_in_one_line_naming_the_sample(toy, tmp
     """collate's exact check stays behind the estimate: should it miss a row, the run stops with a line, not a
     traceback."""
     data, models = toy
-    monkeypatch.setattr(M, "lengths", lambda processor, samples, sizes, train=True: [1] * len(samples))
+    monkeypatch.setattr(M, "lengths", lambda processor, samples, sizes, train=True, style="ours": [1] * len(samples))
     with pytest.raises(SystemExit, match=r"^error: sample '[^']+'.*: \d+ tokens with its answer .* more than "
                                          r"max_length=30; truncating would cut the answer \(raise max_length\)$"):
         _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path / "out"), "--max-length", "30",

@@ -3,6 +3,7 @@ L = L_sft + L_adv + lambda_cons * L_cons over image-heavy, text-heavy (each with
 perturbed twin) and VQA samples, with masked PGD on the task-irrelevant modality's embeddings.
 One process, or FSDP2 under torchrun; every default below is a flag, and --preset sets a few.
   python train.py --model out/toy/base --data data/toy/train.jsonl --preset ours --out out/toy/ours
+  python train.py --paper-defaults qwen2.5-vl-7b --data data/caltech101 data/mmlu ... --out out/qwen7b-paper
   torchrun --nproc_per_node 4 train.py --model llava-1.5-7b --data data/caltech101 data/mmlu ... --out out/7b
 """
 import argparse
@@ -47,9 +48,47 @@ PRESETS = {  # the rows of the paper's ablation (Table 5); flags given explicitl
     "ours": dict(aug=True, cons="js", adv="pgd"),
 }
 TWINS = {"image_heavy": ("uf", "md"), "text_heavy": ("ri", "fb", "fw")}  # heuristic perturbations to train on
+# The authors' training settings per model (--paper-defaults), from their repository (luisrui/Modality-
+# Interference-in-MLLMs at 911003a), configs/model_train/. Their alpha 0.1, tau 1, batch 8, warm-up 0.03, AdamW
+# eps 1e-6 and weight decay 1e-4 are our defaults already. The consistency kind stays the preset's (ours: JS).
+PAPER = {
+    # llava-v1.5-7b/args_full_KL_PGD.yaml, as Table 8: their args_full_JS_PGD.yaml says pgd_steps 1, but it trains
+    # on another file (trail_5.json), its run name says epsilon 1e-4, and it lacks the image/text ratios that
+    # src/llava/llava_consistent.py reads, so it cannot have made the paper's runs as written
+    "llava-1.5-7b": dict(eps=1e-3, pgd_steps=2, lambda_cons=0.01, lr=2e-5, ratio_image=0.25, ratio_text=0.25),
+    # instructBlip-7b/args_full_KL_PGD.yaml (there is no JS+PGD config for InstructBLIP)
+    "instructblip-vicuna-7b": dict(eps=0.05, pgd_steps=4, lambda_cons=0.01, lr=2e-5, ratio_image=0.25,
+                                   ratio_text=0.25),
+    # qwen2.5-vl-3b/args_full_KL_PGD.yaml: their args_full_JS_PGD.yaml sets consistency_type KL, eps 1e-3,
+    # lr 1e-6, batch 10 and 0.2 / 0.2 while its save_dir names eps 1e-2 and 2:2:4, so the KL file is the coherent one
+    "qwen2.5-vl-3b": dict(eps=1e-2, pgd_steps=2, lambda_cons=1e-3, lr=1e-5, ratio_image=0.25, ratio_text=0.25),
+    # qwen2.5-vl-7b/args_full_JS_PGD.yaml (mix 1:1:6)
+    "qwen2.5-vl-7b": dict(eps=1e-3, pgd_steps=1, lambda_cons=1e-3, lr=1e-5, ratio_image=0.125, ratio_text=0.125),
+}
+# and their data protocol: every twin every step (LlavaDataset.py), UF's facts drawn with replacement
+# (modules/prompt/text_interfere.py), canvases and random pixels at 336 px for every family (modules/utils/aug_utils.py)
+PAPER = {m: dict(model=m, **row, twins="all", facts_replacement=True, canvas_size=336, prompt="authors")
+         for m, row in PAPER.items()}
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def flags(row):
+    """A row of PAPER as the flags it stands for, as --help prints them."""
+    def flag(k, v):
+        name = "--" + k.replace("_", "-")
+        return name if v is True else f"{name} {v:g}" if isinstance(v, float) else f"{name} {v}"
+    return " ".join(flag(k, v) for k, v in row.items())
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the description and the table of --paper-defaults printed as written."""
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter, epilog=(
+    "--paper-defaults MODEL sets the authors' settings for MODEL (flags given explicitly win, and a --preset's "
+    "own flags too):\n" + "".join(f"  {m}: {flags(row)}\n" for m, row in PAPER.items()) +
+    "The plain defaults are the paper's Table 8."))
 p.add_argument("--preset", choices=list(PRESETS), default="ours")
+p.add_argument("--paper-defaults", choices=list(PAPER), default=None, metavar="MODEL",
+               help="the authors' training settings for MODEL (listed below), each from their configs")
 # I/O
 p.add_argument("--model", default="llava-1.5-7b", help="alias, hub id or local folder")
 p.add_argument("--data", nargs="+", default=["data/toy/train.jsonl"], help="JSONL files or folders with train.jsonl")
@@ -66,10 +105,23 @@ p.add_argument("--overwrite", action="store_true",
 # data
 p.add_argument("--ratio-image", type=float, default=0.25, help="share of image-heavy originals per batch")
 p.add_argument("--ratio-text", type=float, default=0.25, help="share of text-heavy originals; VQA takes the rest")
-p.add_argument("--aug", action=argparse.BooleanOptionalAction, default=True, help="add a perturbed twin per original")
+p.add_argument("--aug", action=argparse.BooleanOptionalAction, default=True, help="add perturbed twins of originals")
+p.add_argument("--twins", choices=["one", "all"], default="one",
+               help="one: a twin per original drawn from its task's interventions (image-heavy UF, MD; text-heavy "
+                    "RI, FB, FW); all: one of each, every step, as the authors train")
 p.add_argument("--k-facts", type=int, default=10, help="unrelated facts prepended by UF")
+p.add_argument("--facts-file", default=None,
+               help="UF's facts, one a line, used whole (default: the train pool of data/unrelated_facts.txt)")
+p.add_argument("--facts-replacement", action="store_true",
+               help="draw UF's k facts with replacement, as the authors do (then --k-facts may exceed the facts)")
 p.add_argument("--ri-folder", default=None, help="real images for RI twins (default: the data's image-heavy images)")
+p.add_argument("--canvas-size", type=int, default=None,
+               help="side in pixels of the FB/FW canvases and text-heavy random pixels (default: the model's "
+                    "input size; the authors use 336 for every family)")
 p.add_argument("--max-length", type=int, default=2048, help="a longer sample is an error, never truncated")
+p.add_argument("--prompt", choices=M.STYLES, default="ours",
+               help="how prompts and answers are written (model.PROMPTS): ours, or the authors' (their option "
+                    "lines, system prompt and bare answer letter)")
 # method
 p.add_argument("--cons", choices=["none", "kl", "js"], default="js", help="consistency loss (eq. 9 for kl)")
 p.add_argument("--lambda-cons", type=float, default=0.01)
@@ -104,8 +156,9 @@ p.add_argument("--profile", action="store_true",
                help="time each phase of a step (synchronising the GPU) and record peak memory in metrics.jsonl")
 p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                help="keep the vision encoder (InstructBLIP: and Q-Former) fixed, as the paper; off to pretrain one")
-preset = p.parse_known_args()[0].preset
-p.set_defaults(**PRESETS[preset])
+known = p.parse_known_args()[0]
+p.set_defaults(**PAPER.get(known.paper_defaults, {}))
+p.set_defaults(**PRESETS[known.preset])  # after: a preset's own flags (fft-vqa's ratios) define its ablation row
 args = p.parse_args()
 if args.eps is None:
     args.eps = 1e-4 if "13b" in args.model.lower() else 1e-3
@@ -132,10 +185,15 @@ if args.max_steps is not None and args.max_steps <= 0 and not (args.max_steps ==
              f"(--preset vanilla exports the base model on purpose)")
 if args.max_steps is None and args.epochs <= 0:
     sys.exit(f"error: --epochs {args.epochs:g} trains nothing: pass a positive number (or --max-steps)")
-n_facts = len(perturb.unrelated_facts("train"))
-if not 1 <= args.k_facts <= n_facts:
-    sys.exit(f"error: --k-facts {args.k_facts}: UF prepends 1 to {n_facts} facts (the train pool of "
-             f"{perturb.FACTS_FILE})")
+try:  # the facts UF draws from in training: the user's file whole, or the built-in train pool
+    facts = perturb.read_facts(args.facts_file) if args.facts_file else perturb.unrelated_facts("train")
+except perturb.DataError as e:
+    sys.exit(f"error: --facts-file {e}")
+if args.k_facts < 1 or (args.k_facts > len(facts) and not args.facts_replacement):
+    sys.exit(f"error: --k-facts {args.k_facts}: UF prepends 1 to {len(facts)} facts ("
+             f"{args.facts_file or f'the train pool of {perturb.FACTS_FILE}'}; more with --facts-replacement)")
+if args.canvas_size is not None and args.canvas_size < 1:
+    sys.exit(f"error: --canvas-size {args.canvas_size}: canvases need at least 1 pixel a side")
 parent = os.path.abspath(args.out)
 while not os.path.exists(parent):  # the folder that --out will be made in
     parent = os.path.dirname(parent)
@@ -162,12 +220,14 @@ if "RANK" not in os.environ:  # plain `python train.py`: a group of one, so that
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-master = rank == 0
 device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
 if device.type == "cuda":
     torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)  # bound to its GPU: barrier() then does not guess one
+else:
+    dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+master = rank == 0
 dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 torch.manual_seed(args.seed)  # the same initial state everywhere; per-sample noise is seeded by sample id
 
@@ -211,7 +271,8 @@ if args.aug and "text_heavy" in pools:
         sys.exit("error: text-heavy twins need real images for RI: pass --ri-folder or add image-heavy data")
     ri_images = perturb.ri_pool(samples, args.ri_folder)
 log(f"{len(samples)} samples from {len(paths)} files; originals per step "
-    f"{', '.join(f'{t} {float(G * share[t]):g}' for t in pools)} ({'+ twins' if args.aug else 'no twins'}); "
+    f"{', '.join(f'{t} {float(G * share[t]):g}' for t in pools)} "
+    f"({('+ twins' if args.twins == 'one' else '+ every twin of each') if args.aug else 'no twins'}); "
     f"one pass over the smallest pool takes {min(passes.values())} steps, over the largest "
     f"{max(passes.values())}; {max_steps} steps ({steps_per_epoch}/epoch, --epoch-end {args.epoch_end})")
 
@@ -221,10 +282,11 @@ log(f"{len(samples)} samples from {len(paths)} files; originals per step "
 # it; here each original is measured at the longest row it can become, from text and image headers only.
 def longest_rows(processor, size):
     """(tokens, variant, image size) of each original's longest row: itself and, with --aug, the longest twin
-    of each kind (perturb.longest): UF with the k longest facts (in tokens) that name none of its options, an
-    upper bound of what UF draws, and a draw it can make, so refusing it is right; MD with the longest text
-    _md can choose (by characters); RI with the RI image of most image tokens. FB/FW are at `size`, as the random
-    pixels of the original are. A sample no twin can be made of raises ValueError (naming it), as in training."""
+    of each kind (perturb.longest), whichever --twins draws: UF with the k longest facts (in tokens) that name
+    none of its options (with --facts-replacement the longest k times), an upper bound of what UF draws, and a
+    draw it can make, so refusing it is right; MD with the longest text _md can choose (by characters); RI with
+    the RI image of most image tokens. FB/FW are at `size`, as the random pixels of the original are. A sample no
+    twin can be made of raises ValueError (naming it), as in training."""
     dynamic, headers = M.FAMILIES[processor.family]["dynamic"], {}
 
     def wh(image):  # the PIL size of what a row carries; LLaVA's and InstructBLIP's image tokens ignore it
@@ -239,8 +301,8 @@ def longest_rows(processor, size):
                 raise ValueError(f"{image}: {e} (crop or pad the image)") from e
         return headers[image]
 
-    n_facts = map(len, processor.tokenizer(perturb.unrelated_facts("train"), add_special_tokens=False)["input_ids"])
-    facts = [f for _, f in sorted(zip(n_facts, perturb.unrelated_facts("train")), key=lambda nf: -nf[0])]
+    n_facts = map(len, processor.tokenizer(facts, add_special_tokens=False)["input_ids"])
+    by_length = [f for _, f in sorted(zip(n_facts, facts), key=lambda nf: -nf[0])]
 
     # a text-heavy original and its twins share their text: the one with the image of most tokens is the longest
     text_heavy = ("orig", (size, size))
@@ -259,11 +321,13 @@ def longest_rows(processor, size):
             rows.append((i, "orig", s, wh(s["image"])))
             if args.aug and s["task"] == "image_heavy":
                 try:
-                    rows += [(i, name, perturb.longest(s, name, facts, args.k_facts), wh(s["image"]))
-                             for name in ("uf", "md")]
+                    rows += [(i, name, perturb.longest(s, name, by_length, args.k_facts,
+                                                       replace=args.facts_replacement), wh(s["image"]))
+                             for name in TWINS["image_heavy"]]
                 except ValueError as e:  # perturb's own, naming the sample
                     raise ValueError(f"{file_of[id(s)]}: {e}") from e
-        for (i, variant, _, wh_), n in zip(rows, M.lengths(processor, [r[2] for r in rows], [r[3] for r in rows])):
+        n_rows = M.lengths(processor, [r[2] for r in rows], [r[3] for r in rows], style=args.prompt)
+        for (i, variant, _, wh_), n in zip(rows, n_rows):
             best[i] = max(best[i], (n, variant, wh_), key=lambda b: b[0])
     return originals, best
 
@@ -272,7 +336,7 @@ def too_long():
     """One line that refuses the run, naming the first few samples with a row past --max-length, or None."""
     processor = M.load_processor(args.model)
     try:
-        originals, best = longest_rows(processor, M.image_size(processor))
+        originals, best = longest_rows(processor, args.canvas_size or M.image_size(processor))
     except ValueError as e:  # a sample UF or MD cannot take, or an image the processor cannot
         return f"error: {e}"
     over = sorted([(n, variant, wh, s) for s, (n, variant, wh) in zip(originals, best) if n > args.max_length],
@@ -322,11 +386,22 @@ def originals(step):
     return out
 
 
-def twin(s, step):
-    """A heuristic perturbation of s drawn from its task's training interventions (train pool)."""
-    rng = random.Random(f"{args.seed}/{step}/{s['id']}/twin")
-    name = rng.choice(TWINS[s["task"]])
-    return perturb.perturb(s, name, rng, size=size, pool="train", ri_images=ri_images, k=args.k_facts)
+def perturbed(s, name, rng):
+    """s under a training intervention: the train pool of wordings, the run's facts and canvas size."""
+    return perturb.perturb(s, name, rng, size=size, pool="train", ri_images=ri_images, k=args.k_facts, facts=facts,
+                           replace=args.facts_replacement)
+
+
+def twins_of(s, step):
+    """s's heuristically perturbed twins at `step`, as (row id, sample): --twins one draws one of its task's
+    training interventions, --twins all makes each, each from its own seed."""
+    if not args.aug or s["task"] not in TWINS:
+        return []
+    if args.twins == "one":
+        rng = random.Random(f"{args.seed}/{step}/{s['id']}/twin")
+        return [(f"{s['id']}/twin", perturbed(s, rng.choice(TWINS[s["task"]]), rng))]
+    return [(f"{s['id']}/{name}", perturbed(s, name, random.Random(f"{args.seed}/{step}/{s['id']}/{name}")))
+            for name in TWINS[s["task"]]]
 
 
 def micro_batches(step):
@@ -335,14 +410,14 @@ def micro_batches(step):
     out = []
     for m in range(args.grad_accum):
         part = mine[m * world + rank::world * args.grad_accum]
-        twins = [(i, twin(s, step)) for i, s in enumerate(part) if args.aug and s["task"] in TWINS]
-        rows = [perturb.perturb(s, "orig", 0, size=size) for s in part] + [t for _, t in twins]
+        twins = [(i, row_id, t) for i, s in enumerate(part) for row_id, t in twins_of(s, step)]
+        rows = [perturb.perturb(s, "orig", 0, size=size) for s in part] + [t for _, _, t in twins]
         try:
-            batch = M.collate(processor, rows, train=True, max_length=args.max_length)
+            batch = M.collate(processor, rows, train=True, max_length=args.max_length, style=args.prompt)
         except ValueError as e:  # the exact check, should a row be longer than measured before the model loaded
             sys.exit(f"error: {e}")
-        batch["ids"] = [s["id"] + ("" if r < len(part) else "/twin") for r, s in enumerate(rows)]
-        batch["pairs"] = [(i, len(part) + j) for j, (i, _) in enumerate(twins)]
+        batch["ids"] = [s["id"] for s in part] + [row_id for _, row_id, _ in twins]  # seeds of each row's noise
+        batch["pairs"] = [(i, len(part) + j) for j, (i, _, _) in enumerate(twins)]
         out.append(batch)
     return out
 
@@ -351,7 +426,7 @@ def micro_batches(step):
 # Flags that cannot change the losses; the rest must match the checkpoint's run, or a resume would
 # continue a different run (data and model are compared by content, in `inputs`)
 FREE = {"save_every", "keep_checkpoints", "profile", "resume", "overwrite", "max_bad_steps", "export", "out",
-        "activation_checkpointing", "cpu_offload", "data", "model"}
+        "activation_checkpointing", "cpu_offload", "data", "model", "facts_file"}
 
 
 def shown(v):
@@ -400,6 +475,7 @@ def resume_point():
 
 # what decides the losses besides the flags: a checkpoint records it, and a resume must find it unchanged
 inputs = {"--data sha256": [perturb.sha256(path) for path in paths],
+          **({"--facts-file sha256": perturb.sha256(args.facts_file)} if args.facts_file else {}),
           **{"--model" + ("" if k == "model" else " " + k): v for k, v in M.identity(args.model).items()}} \
     if master else {}
 resume_from = None
@@ -415,7 +491,7 @@ if args.resume:
 # Only rank 0 reads the weights; the others build the architecture on the meta device and receive their
 # shards from it below, so host memory holds one full copy of the model, not one per rank.
 hf_model, processor = M.load(args.model, dtype=torch.float32, meta=not master)
-size = M.image_size(processor)  # canvases and random pixels are drawn at the vision encoder's input size
+size = args.canvas_size or M.image_size(processor)  # canvases and random pixels: the encoder's input size
 if args.freeze_vision:
     M.freeze(hf_model)
 if args.activation_checkpointing or (args.activation_checkpointing is None and device.type == "cuda"):
@@ -616,19 +692,32 @@ def peak_memory():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def adversarial_rows(mask):
+    """The rows with a task-irrelevant modality to perturb (none without --adv): their adversarial copies
+    follow the clean rows, in this order, in the final pass."""
+    return [r for r in range(len(mask)) if mask[r].any()] if args.adv != "none" else []
+
+
+def consistency_pairs(batch, adv):
+    """(original, other) row pairs of L_cons, numbered as in the final pass [clean; adversarial]: each original
+    against each of its twins, its own adversarial copy (once, however many twins) and each twin's."""
+    where, twins = {r: len(batch["labels"]) + j for j, r in enumerate(adv)}, {}
+    for o, t in batch["pairs"]:
+        twins.setdefault(o, []).append(t)
+    return [(o, q) for o, ts in twins.items() for q in (*ts, where.get(o), *map(where.get, ts)) if q is not None]
+
+
 def token_counts(batch):
     """Answer tokens entering each loss term, for normalising by the global count (all ranks, micro-steps)."""
     labels = batch["labels"]
     answers = (labels[:, 1:] != losses.IGNORE).sum(1)
     image_mask = batch["input_ids"] == hf_model.config.image_token_id
-    mask = losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"])
-    adv_rows = mask.any(1) if args.adv != "none" else torch.zeros_like(mask[:, 0])
+    adv = adversarial_rows(losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"]))
     cons = 0
-    if args.cons != "none":  # each original against its twin and the adversarial versions of both
-        for o, t in batch["pairs"]:
-            both = int(min(answers[o], answers[t]))
-            cons += both + int(adv_rows[o]) * int(answers[o]) + int(adv_rows[t]) * both
-    return torch.tensor([float(answers.sum()), float(answers[adv_rows].sum()), float(cons)])
+    if args.cons != "none":  # a pair compares the answer tokens both rows have (the same answer: all of them)
+        source = list(range(len(labels))) + adv  # the clean row each row of the final pass is
+        cons = sum(int(min(answers[o], answers[source[q]])) for o, q in consistency_pairs(batch, adv))
+    return torch.tensor([float(answers.sum()), float(answers[adv].sum()), float(cons)])
 
 
 def answer_positions(labels):
@@ -644,7 +733,7 @@ def loss_parts(batch, step, totals):
     keep = answer_positions(labels)
     targets = labels[:, keep + 1]  # aligned with the kept logits
     mask = losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"])
-    adv = [r for r in range(n) if mask[r].any()] if args.adv != "none" else []
+    adv = adversarial_rows(mask)
     attack = adv
     # every rank must run as many PGD passes, or FSDP's collectives wait forever: a rank whose micro-batch
     # has nothing to attack (all VQA, at a small batch) while another's has attacks its first row under an
@@ -683,9 +772,7 @@ def loss_parts(batch, step, totals):
     cons = logits.sum() * 0
     if args.cons != "none" and batch["pairs"]:
         answer, answer_mask = losses.answer_logits(logits, targets, shift=False)
-        where = {r: n + j for j, r in enumerate(adv)}
-        pairs = [(o, q) for o, t in batch["pairs"] for q in (t, where.get(o), where.get(t)) if q is not None]
-        o, q = map(list, zip(*pairs))
+        o, q = map(list, zip(*consistency_pairs(batch, adv)))
         cons = losses.consistency(answer[o], answer[q], args.cons, args.tau, answer_mask[o] & answer_mask[q],
                                   "sum") / totals[2].clamp(min=1)
     lap("forward")
