@@ -1,14 +1,18 @@
 """Multiple-choice accuracy under every intervention: one forward pass per (sample, intervention), the
-answer distribution being the softmax over the option letters' next-token logits after the prompt.
-Writes OUT/predictions.jsonl (SPEC section 5) and OUT/run.json (what determines the numbers: a run into
-an OUT of other settings is refused, --resume continues only the same settings, --overwrite replaces).
+answer distribution being the softmax over the option letters' next-token logits after the prompt
+(--score logits, the default), or, as the authors scored, a greedy answer generated and parsed for the
+option it names (--score generate; an answer that names none counts as wrong). Writes
+OUT/predictions.jsonl (SPEC section 5) and OUT/run.json (what determines the numbers: a run into an OUT
+of other settings is refused, --resume continues only the same settings, --overwrite replaces).
   python evaluate.py --model out/toy/vanilla --data data/toy/test.jsonl --out out/eval
+  python evaluate.py --model llava-1.5-7b --data data/mmlu --out out/gen --score generate --repetition-penalty 1.2
   torchrun --nproc_per_node 4 evaluate.py --model llava-1.5-7b --data data/mmlu/test.jsonl --out out/mmlu
 """
 import argparse
 import json
 import os
 import random
+import re
 import sys
 import time
 
@@ -99,16 +103,21 @@ def context_length(model):
     return getattr(getattr(model.config, "text_config", model.config), "max_position_embeddings", None)
 
 
-@torch.no_grad()
-def score(model, processor, samples, letter_ids, max_length=None):
-    """Answer distributions over the option letters, one list of probabilities per sample."""
+def prompts(processor, samples, max_length=None, room=0, style="ours"):
+    """The samples' prompts, right-padded (model.collate); `room` tokens are kept free for generated ones."""
     try:
-        batch = M.collate(processor, samples, train=False, max_length=max_length)
+        return M.collate(processor, samples, train=False, max_length=max_length and max_length - room, style=style)
     except ValueError as e:  # past the context the positions are untrained: the numbers would mean nothing
         if "max_length" not in str(e):
             raise
-        raise RunError(f"{e}; max_length is the language model's context (max_position_embeddings): shorten "
-                       "that sample or leave it out") from None
+        raise RunError(f"{e}; max_length is the language model's context (max_position_embeddings)"
+                       f"{' less --max-new-tokens' if room else ''}: shorten that sample or leave it out") from None
+
+
+@torch.no_grad()
+def score(model, processor, samples, letter_ids, max_length=None, style="ours"):
+    """Answer distributions over the option letters, one list of probabilities per sample."""
+    batch = prompts(processor, samples, max_length, style=style)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in M.model_inputs(batch).items()}
     last = batch["attention_mask"].sum(1) - 1                 # right padding: the prompt's last token
@@ -116,6 +125,92 @@ def score(model, processor, samples, letter_ids, max_length=None):
     logits = model(**inputs, logits_to_keep=keep).logits.float().cpu()
     rows = logits[torch.arange(len(samples)), last - (batch["input_ids"].shape[1] - keep)]
     return [torch.softmax(rows[i, letter_ids[:len(s["options"])]], -1).tolist() for i, s in enumerate(samples)]
+
+
+def left_padded(batch):
+    """A right-padded batch with its padding moved to the left of each row. generate appends after the last
+    column, so a right-padded row would continue after its pads. Only the language model's sequences move:
+    the Q-Former reads its own (InstructBLIP's qformer_input_ids) as an encoder, padding masked wherever it is,
+    and Qwen2.5-VL computes its M-RoPE positions from the attention mask, which moves with the tokens."""
+    n = batch["attention_mask"].shape[1] - batch["attention_mask"].sum(1)  # pads per row
+    out = dict(batch)
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if k in batch:
+            out[k] = torch.stack([row.roll(int(p)) for row, p in zip(batch[k], n)])
+    return out
+
+
+@torch.no_grad()
+def generate(model, processor, samples, max_new_tokens=10, repetition_penalty=1.0, max_length=None, style="ours"):
+    """Greedy answers, one string per sample: only the new tokens, decoded without special tokens. A batch
+    gives the texts of one sample at a time (test_score.py), except in one corner: the repetition penalty
+    also lowers the pad token's logit in rows that were padded (a pad is never a real answer's token)."""
+    batch = left_padded(prompts(processor, samples, max_length, max_new_tokens, style))
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in M.model_inputs(batch).items()}
+    out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                         repetition_penalty=repetition_penalty, pad_token_id=processor.tokenizer.pad_token_id)
+    return processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
+
+
+# How a generated answer names its option, in parse_answer's order. The authors (modules/utils/read_utils.py
+# extract_final_choice, used by src/predict.py; src/evaluate_IMoF.py has the same without \b) take the first
+# match of \b([A-Za-z])\b (caltech-101, mini-imagenet) or \b([A-Da-d])\b (the others), uppercased, and ask
+# again once with "Please directly choose the option with option number. No further explanation." appended
+# when nothing matched (retry_thres 2 in configs/model_inference/); analysis/evaluate/evaluate_mc.py and
+# src/batch_evaluate.py then match \b[A-Z]\b|[A-Z](?=\s|:) against the gold letter. Where we differ, and why:
+# - the article: their pattern reads "a dog is shown" (and "I think ...") as option A (I); we read a one-letter
+#   English word followed by another word as that word, unless the words after it are its option's text;
+# - a lowercase letter counts only where it cannot be prose: the whole answer ("b", "b."), in parentheses
+#   ("(b)"), or after "answer", "option", "choice" or "is" ("answer: b");
+# - a letter past the sample's options is no answer ("E" of four options; theirs takes any A-Z on caltech-101);
+# - an answer that is, or names, exactly one option's text counts as that option ("dog", "a dog"), and a letter
+#   inside an option's text ("vitamin C") is no letter;
+# - no retry: asking again with another prompt only for the samples that failed would score those under a
+#   second prompt; unparsed answers count as wrong and evaluate.py prints how many there were.
+LETTER = re.compile(r"(?<![\w'.-])(\()?([A-Za-z])(?(1)\))(?![\w'-]|\.\w)")  # not in "it's", "T-shirt", "U.S."
+CUE = re.compile(r"\b(?:answer|option|choice|is)\s*[:-]?\s*$", re.I)
+WORD_AFTER = re.compile(r"\s+(?!is\b)[A-Za-z]")  # "A dog", "I think"; "A is right" names the letter
+PUNCT = " \t\n.,:;!?()[]*\"'"
+
+
+def parse_answer(text, options):
+    """The index of the option a generated answer names, or None (nothing, or no single option)."""
+    t, n = (text or "").strip(), len(options)
+    bare = t.strip(PUNCT)
+    if len(bare) == 1 and bare.isalpha():  # "B", "b.", "(C)", "a"
+        i = ord(bare.upper()) - ord("A")
+        return i if i < n else None
+    for i, o in enumerate(options):
+        if bare.lower() == o.strip(PUNCT).lower():
+            return i
+    spans = [(i, m.span()) for i, o in enumerate(options) if o.strip()
+             for m in re.finditer(rf"(?<!\w){re.escape(o.strip())}(?!\w)", t, re.I)]
+    for m in LETTER.finditer(t):
+        paren, c = m.group(1), m.group(2)
+        i = ord(c.upper()) - ord("A")
+        if i >= n or any(a <= m.start(2) < b for _, (a, b) in spans):
+            continue
+        if c.islower() and not paren and not CUE.search(t[:m.start()]):
+            continue
+        if c in "AaI" and not paren and WORD_AFTER.match(t, m.end()) and not re.match(
+                rf"\s+{re.escape(options[i].strip())}(?!\w)", t[m.end():], re.I):
+            continue
+        return i
+    # an option's text: one option named, a match inside a longer option's match ("dog" in "hot dog") aside
+    named = {i for i, (a, b) in spans if not any(c <= a and b <= d and (c, d) != (a, b) for _, (c, d) in spans)}
+    return named.pop() if len(named) == 1 else None
+
+
+def unparsed(rows):
+    """Per intervention, (answers no option could be read from, answers) of the generated rows."""
+    out = {}
+    for r in rows:
+        if r.get("score") == "generate":
+            k = out.setdefault(r["intervention"], [0, 0])
+            k[0] += r["pred"] is None
+            k[1] += 1
+    return out
 
 
 def read_predictions(path):
@@ -137,14 +232,25 @@ def read_predictions(path):
     return rows
 
 
-def settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dtype):
+def settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dtype, scoring="logits",
+             max_new_tokens=10, repetition_penalty=1.0, style="ours", facts_file=None, facts_replacement=False,
+             canvas_size=None):
     """What determines the predictions, kept in OUT/run.json: a resume must match all of it, or one file
     would mix two runs' numbers. Not the batch size: padding is masked, so it changes float noise only
-    (and a smaller batch is how a run that ran out of memory goes on). The dtype does count."""
+    (and a smaller batch is how a run that ran out of memory goes on). The dtype does count, and so does
+    the scoring (with generation's settings; they mean nothing to letter logits)."""
     files = [perturb.data_file(q, "test") for q in data]
     return dict(M.identity(model_name), data={os.path.abspath(q): perturb.sha256(q) for q in files},
                 interventions=[n for n in perturb.APPLIES if n in interventions], seed=seed, pool=pool,
-                k_facts=k_facts, ri_folder=ri_folder and os.path.abspath(ri_folder), dtype=dtype and str(dtype))
+                k_facts=k_facts, ri_folder=ri_folder and os.path.abspath(ri_folder), dtype=dtype and str(dtype),
+                prompt=style, score=scoring, facts_file=facts_file and perturb.sha256(facts_file),
+                facts_replacement=facts_replacement, canvas_size=canvas_size,
+                **(dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+                   if scoring == "generate" else {}))
+
+
+# Settings a run.json written before they existed lacks, with the value those runs used.
+EARLIER = {"prompt": "ours", "score": "logits", "facts_file": None, "facts_replacement": False, "canvas_size": None}
 
 
 def differences(saved, now):
@@ -173,6 +279,8 @@ def check_out(out, now, resume, overwrite):
             saved = json.load(f)
     except (OSError, ValueError):
         saved = None
+    if isinstance(saved, dict):
+        saved = {**EARLIER, **saved}
     if saved != now:
         why = "; ".join(differences(saved, now)) if isinstance(saved, dict) else \
             f"{saved_path} is missing or unreadable, so which settings made them is unknown"
@@ -209,17 +317,33 @@ def accuracy_table(rows):
 
 
 def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=8, seed=0, pool="eval",
-        ri_folder=None, resume=False, dtype=None, device=None, k_facts=10, loaded=None, overwrite=False):
+        ri_folder=None, resume=False, dtype=None, device=None, k_facts=10, loaded=None, overwrite=False,
+        scoring="logits", max_new_tokens=10, repetition_penalty=1.0, style="ours", facts_file=None,
+        facts_replacement=False, canvas_size=None):
     """Evaluate and write OUT/predictions.jsonl; returns its rows. Works alone or under torchrun.
     Arguments, data and --out are checked before the model loads; problems raise RunError (or DataError)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     master = rank == 0
     if batch_size < 1:
         raise RunError(f"--batch-size {batch_size}: must be at least 1")
+    if style not in M.STYLES:
+        raise RunError(f"--prompt {style}: pick one of {' '.join(M.STYLES)}")
+    if scoring not in ("logits", "generate"):
+        raise RunError(f"--score {scoring}: pick logits or generate")
+    if scoring == "generate" and (max_new_tokens < 1 or repetition_penalty <= 0):
+        raise RunError(f"--max-new-tokens {max_new_tokens}, --repetition-penalty {repetition_penalty}: the first must "
+                       "be at least 1, the second above 0 (1.0 is no penalty)")
+    if canvas_size is not None and canvas_size < 1:
+        raise RunError(f"--canvas-size {canvas_size}: must be at least 1 pixel")
+    facts = perturb.read_facts(facts_file) if facts_file else None  # a DataError naming the file
+    if facts is not None and not facts_replacement and k_facts > len(facts):
+        raise RunError(f"{facts_file}: {len(facts)} facts, fewer than --k-facts {k_facts} (pass --facts-replacement "
+                       "to draw with replacement, as the authors do)")
     if resume and overwrite:
         raise RunError("--resume continues the predictions in --out and --overwrite replaces them: pass one")
     jobs, ri_images = load_data(data, interventions, ri_folder)
-    now = settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dtype)
+    now = settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dtype, scoring, max_new_tokens,
+                   repetition_penalty, style, facts_file, facts_replacement, canvas_size)
     verdict, previous = [None, set()], []
     if master:
         try:
@@ -235,16 +359,17 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
     done = verdict[1]
     model, processor = loaded or M.load(model_name, dtype=dtype, device=device)
     model.eval()
-    size = M.image_size(processor)
+    size = canvas_size or M.image_size(processor)  # of the canvases and random pixels
 
     def apply(s, name, size=size):
-        return perturb.perturb(s, name, rng_for(seed, s, name), size=size, pool=pool, ri_images=ri_images, k=k_facts)
+        return perturb.perturb(s, name, rng_for(seed, s, name), size=size, pool=pool, ri_images=ri_images, k=k_facts,
+                               facts=facts, replace=facts_replacement)
 
     batches = make_batches(jobs, batch_size, apply)
     path = os.path.join(out, "predictions.jsonl")
     todo = [b for b in batches if not all((jobs[i][0]["id"], jobs[i][1]) in done for i in b)]
     todo = todo[-1:] + todo[:-1]  # the longest batch first: a sample past the context, or memory, fails at once
-    letter_ids = M.option_token_ids(processor, max(len(s["options"]) for s, _ in jobs))
+    letter_ids = M.option_token_ids(processor, max(len(s["options"]) for s, _ in jobs), style=style)
     max_length = context_length(model)
     t0, n_done, n_total = time.time(), 0, sum(len(b) for b in todo)
     for start in range(0, len(todo), world):
@@ -252,11 +377,16 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
         new = []
         if mine:
             chosen = [apply(*jobs[i]) for i in mine]
-            probs_of = score(model, processor, chosen, letter_ids, max_length)
-            for (s, name), probs in zip([jobs[i] for i in mine], probs_of):
+            if scoring == "generate":
+                texts = generate(model, processor, chosen, max_new_tokens, repetition_penalty, max_length, style)
+                found = [dict(probs=None, pred=parse_answer(t, s["options"]), text=t) for s, t in zip(chosen, texts)]
+            else:
+                found = [dict(probs=probs, pred=max(range(len(probs)), key=probs.__getitem__))
+                         for probs in score(model, processor, chosen, letter_ids, max_length, style)]
+            for (s, name), f in zip([jobs[i] for i in mine], found):
                 new.append({"id": s["id"], "task": s["task"], "source": s["source"], "intervention": name,
-                            "probs": probs, "pred": max(range(len(probs)), key=probs.__getitem__),
-                            "answer": s["answer"],
+                            "score": scoring, "probs": f["probs"], "pred": f["pred"], "answer": s["answer"],
+                            **({"text": f["text"]} if "text" in f else {}),
                             **({"question_id": s["question_id"]} if "question_id" in s else {})})
         gathered = [None] * world if master else None
         if world > 1:
@@ -282,13 +412,22 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
 def setup(dtype=None):
     """torchrun's environment decides single or multi process: (rank, device, dtype)."""
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                device_id=torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else None)
     device = None
     if torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device else torch.float32)
     return (dist.get_rank() if dist.is_initialized() else 0), device, dtype
+
+
+# --protocol: the authors' evaluation (src/predict.py at 911003a) as one switch, flags given explicitly win:
+# their prompt, a greedy answer of 10 tokens under repetition penalty 1.2 parsed for its option, canvases and
+# random pixels at 336 px, UF facts drawn with replacement. Keys are run()'s arguments.
+PROTOCOLS = {"ours": {}, "authors": dict(style="authors", scoring="generate", max_new_tokens=10,
+                                         repetition_penalty=1.2, canvas_size=336, facts_replacement=True)}
 
 
 def main(argv=None):
@@ -302,20 +441,44 @@ def main(argv=None):
     p.add_argument("--pool", default="eval", choices=["train", "eval"], help="UF/MD wordings: held-out by default")
     p.add_argument("--k-facts", type=int, default=10, help="unrelated facts prepended by UF")
     p.add_argument("--ri-folder", default=None, help="real images for RI (default: the data's image-heavy images)")
+    p.add_argument("--facts-file", default=None, help="UF facts, one a line, used whole (default: our held-out pool)")
+    p.add_argument("--facts-replacement", action="store_true", help="draw the k facts with replacement (the authors)")
+    p.add_argument("--canvas-size", type=int, default=None,
+                   help="side of the FB/FW canvases and random pixels (default: the model's input size; the authors: 336)")
     p.add_argument("--resume", action="store_true", help="skip (id, intervention) pairs already in predictions "
                    "(only a run of the same settings, see OUT/run.json)")
     p.add_argument("--overwrite", action="store_true", help="replace predictions of other settings in --out "
                    "(and the diagnosis.json beside them)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--protocol", default="ours", choices=list(PROTOCOLS),
+                   help="authors: --prompt authors --score generate --repetition-penalty 1.2 --canvas-size 336 "
+                   "--facts-replacement (flags given explicitly win)")
+    p.add_argument("--score", dest="scoring", default="logits", choices=["logits", "generate"],
+                   help="logits: softmax over the option letters' next-token logits (default); generate: a greedy "
+                   "answer parsed for the option it names, unparsed ones counted wrong (the authors' protocol)")
+    p.add_argument("--prompt", dest="style", default="ours", choices=list(M.STYLES),
+                   help="how questions, options and answers are written: ours, or the authors' (their released "
+                   "checkpoints were trained on it: system prompt, 'Option:' list, the bare letter)")
+    p.add_argument("--max-new-tokens", type=int, default=10,
+                   help="--score generate: tokens generated (the authors: 10)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="--score generate: transformers' repetition penalty (the authors: 1.2; 1.0 is none)")
+    p.set_defaults(**PROTOCOLS[p.parse_known_args(argv)[0].protocol])
     args = p.parse_args(argv)
     _, device, dtype = setup(args.dtype)
     try:
         rows = run(args.model, args.data, args.out, args.interventions, args.batch_size, args.seed, args.pool,
-                   args.ri_folder, args.resume, dtype, device, args.k_facts, overwrite=args.overwrite)
+                   args.ri_folder, args.resume, dtype, device, args.k_facts, overwrite=args.overwrite,
+                   scoring=args.scoring, max_new_tokens=args.max_new_tokens,
+                   repetition_penalty=args.repetition_penalty, style=args.style, facts_file=args.facts_file,
+                   facts_replacement=args.facts_replacement, canvas_size=args.canvas_size)
     except (RunError, perturb.DataError, FileNotFoundError, NotADirectoryError) as e:  # written for people
         sys.exit(f"error: {e}")
     if rows is not None:
         print(accuracy_table(rows))
+        if unparsed(rows):
+            print("answers naming no option (counted wrong): "
+                  + ", ".join(f"{n} {k}/{total}" for n, (k, total) in unparsed(rows).items()))
         print(f"wrote {os.path.join(args.out, 'predictions.jsonl')}")
     if dist.is_initialized():
         dist.destroy_process_group()

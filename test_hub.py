@@ -388,3 +388,26 @@ def test_a_model_trained_in_the_authors_format_scores_its_letter_after_their_eva
         opt.zero_grad()
     assert int(next_token_logits().argmax()) == letters[target]
 
+
+def test_a_checkpoint_trained_by_train_py_in_the_authors_format_is_scored_on_its_letter(real, tmp_path, monkeypatch):
+    """train.py --prompt authors, a few steps on image questions that all answer C, then evaluate.py: under
+    --prompt authors every answer is C (the bare "C" it was trained on, after their evaluation prompt), and C
+    is more likely there than under our prompt, whose letter token ("▁C") training never touched."""
+    folder = real("llava")[2]
+    data = tmp_path / "data"
+    os.makedirs(data / "images")
+    rows = []
+    for i in range(4):
+        Image.new("RGB", (30, 30), (40 * i, 200, 90)).save(data / "images" / f"{i}.png")
+        rows.append(dict(_sample(question=f"Which one is picture {i}?", answer=2), id=f"img-{i}", image=f"images/{i}.png",
+                         source="shapes"))
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "test.jsonl").write_text((data / "train.jsonl").read_text())
+    out = str(tmp_path / "out")
+    _train(["--model", folder, "--data", str(data), "--out", out, "--prompt", "authors", "--preset", "fft-vqa",
+            "--ratio-image", "1", "--max-steps", "4", "--lr", "1e-2", "--warmup", "0", "--batch-size", "2",
+            "--save-every", "0"], monkeypatch)
+    authors = evaluate.run(out, [str(data)], str(tmp_path / "a"), ["orig"], style="authors")
+    ours = evaluate.run(out, [str(data)], str(tmp_path / "o"), ["orig"])
+    assert [r["pred"] for r in authors] == [2] * 4
+    assert all(a["probs"][2] > o["probs"][2] for a, o in zip(authors, ours))
