@@ -7,6 +7,9 @@ predictions (SPEC section 5), one per input: NAME.diagnosis.json for a file NAME
   python diagnose.py out/eval/predictions.jsonl                     # one run
   python diagnose.py out/vanilla/predictions.jsonl out/ours/predictions.jsonl    # two runs side by side
   python diagnose.py --model out/toy/vanilla --data data/toy/test.jsonl --out out/eval   # evaluate first
+  python diagnose.py --chart radar.png out/vanilla/predictions.jsonl out/ours/predictions.jsonl   # Fig. 4
+Rows of `evaluate.py --score generate` may have no probs and an unparsed answer (pred null): it counts as
+wrong, is an answer of its own for delta_cp, and each cell reports how many it has.
 """
 import argparse
 import json
@@ -19,11 +22,21 @@ import perturb
 from perturb import DataError
 
 KEYS = ("id", "task", "source", "intervention", "probs", "pred", "answer")
+# How evaluate.py chose each answer: the option letters' logits (files from before --score have no "score"
+# key), or parsing a generated text (probs null, pred null when no option could be read from it).
+SCORES = ("logits", "generate")
+CHART_TASKS = ("image_heavy", "text_heavy")  # the radar chart's axes: the tasks that have interference
+CHART_SIZE = (7, 7)  # inches, at 100 dpi
+
+
+def distribution(probs):
+    return (isinstance(probs, list) and len(probs) >= 2 and all(isinstance(p, (int, float)) for p in probs)
+            and abs(sum(probs) - 1) <= 1e-3 and min(probs) >= 0)
 
 
 def read(path):
     """Rows of a predictions file, checked; every problem names the file and line."""
-    rows, first, seen = [], {}, set()
+    rows, first, seen, scored = [], {}, set(), None
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file (pass the predictions.jsonl that evaluate.py wrote)")
     with open(path, encoding="utf-8") as f:
@@ -38,17 +51,28 @@ def read(path):
             missing = [k for k in KEYS if k not in r] if isinstance(r, dict) else list(KEYS)
             if missing:
                 raise DataError(f"{where}: missing {', '.join(missing)} (each line is one SPEC section 5 object)")
-            name, probs = r["intervention"], r["probs"]
+            name, probs, score = r["intervention"], r["probs"], r.get("score", "logits")
+            if score not in SCORES:
+                raise DataError(f"{where}: score {score!r} is not one of {', '.join(SCORES)}")
+            scored = scored or (score, lineno)
+            if score != scored[0]:
+                raise DataError(f"{where}: a {score!r}-scored row after {scored[0]!r}-scored ones (line {scored[1]}): "
+                                "one file holds one run, scored one way")
             if name not in perturb.APPLIES or r["task"] not in perturb.APPLIES[name]:
                 raise DataError(f"{where}: intervention {name!r} does not apply to task {r['task']!r}")
-            if not isinstance(probs, list) or len(probs) < 2 or abs(sum(probs) - 1) > 1e-3 or min(probs) < 0:
-                raise DataError(f"{where}: probs must be a distribution over >= 2 options (sum {sum(probs):.4f})")
+            generated = score == "generate"
+            if not distribution(probs) and not (generated and probs is None):
+                raise DataError(f"{where}: probs must be a distribution over >= 2 options"
+                                + (" or null (a generated answer)" if generated else "") + f", not {probs!r:.60}")
+            n = len(probs) if probs else None  # a generated answer without probs: the row does not say
             for k in ("pred", "answer"):
-                if not isinstance(r[k], int) or isinstance(r[k], bool) or not 0 <= r[k] < len(probs):
-                    raise DataError(f"{where}: {k} {r[k]!r} is not an option index below {len(probs)}")
-            if probs[r["pred"]] < max(probs):
+                if r[k] is None and k == "pred" and generated:
+                    continue  # the parser read no option from the text: a wrong answer, and one of its own
+                if not isinstance(r[k], int) or isinstance(r[k], bool) or r[k] < 0 or (n and r[k] >= n):
+                    raise DataError(f"{where}: {k} {r[k]!r} is not an option index" + (f" below {n}" if n else ""))
+            if not generated and probs[r["pred"]] < max(probs):  # a generated answer need not be the argmax
                 raise DataError(f"{where}: pred {r['pred']} is not an argmax of probs")
-            ident = (r["task"], r["source"], r["answer"], len(probs), r.get("question_id"))
+            ident = (r["task"], r["source"], r["answer"], n, r.get("question_id"))
             if first.setdefault(r["id"], (ident, lineno))[0] != ident:
                 raise DataError(f"{where}: id {r['id']!r} has task/source/answer/options/question_id {ident} here "
                                 f"but {first[r['id']][0]} on line {first[r['id']][1]}")
@@ -83,7 +107,9 @@ def circular_acc(cell):
 
 
 def summarize(rows, n_boot=1000, seed=0):
-    """{source: {intervention: {n, acc, delta_cp, ci, tv[, circular_acc]}}} in intervention order."""
+    """{source: {intervention: {n, acc, delta_cp, ci[, tv][, unparsed][, circular_acc]}}} in intervention
+    order. An unparsed answer (pred None) is wrong, and an answer of its own for delta_cp: parsed under orig and
+    unparsed under the intervention is a change, unparsed under both is not. tv is over the pairs with probs."""
     by = {}
     for r in rows:
         by.setdefault(r["source"], {}).setdefault(r["intervention"], {})[r["id"]] = r
@@ -96,10 +122,15 @@ def summarize(rows, n_boot=1000, seed=0):
             acc = float(np.mean([r["pred"] == r["answer"] for r in cell.values()]))
             pairs = [(orig[i], r) for i, r in cell.items()]
             flips = [a["pred"] != b["pred"] for a, b in pairs]
-            tv = [0.5 * float(np.abs(np.subtract(a["probs"], b["probs"])).sum()) for a, b in pairs]
+            tv = [0.5 * float(np.abs(np.subtract(a["probs"], b["probs"])).sum()) for a, b in pairs
+                  if a["probs"] is not None and b["probs"] is not None]
             out[source][name] = {"n": len(cell), "acc": acc, "delta_cp": float(np.mean(flips)),
-                                 "ci": [0.0, 0.0] if name == "orig" else bootstrap_ci(flips, n_boot, seed),
-                                 "tv": float(np.mean(tv))}
+                                 "ci": [0.0, 0.0] if name == "orig" else bootstrap_ci(flips, n_boot, seed)}
+            if tv:
+                out[source][name]["tv"] = float(np.mean(tv))
+            unparsed = sum(r["pred"] is None for r in cell.values())
+            if unparsed:
+                out[source][name]["unparsed"] = unparsed
             if any("question_id" in r for r in cell.values()):
                 out[source][name]["circular_acc"] = circular_acc(cell)
     return out
@@ -111,62 +142,104 @@ def worst(cells):
     return min(perturbed.items(), key=lambda kv: kv[1]) if perturbed else (None, None)
 
 
+# Columns a table shows only when some cell has them: (heading, the cell's text).
+EXTRA = {"unparsed": ("unparsed", lambda c: str(c.get("unparsed", 0))),
+         "circular_acc": ("circular acc", lambda c: f"{100 * c['circular_acc']:.1f}" if "circular_acc" in c else "")}
+
+
 def table(summary):
-    circ = any("circular_acc" in c for cells in summary.values() for c in cells.values())
-    lines = ["| source | intervention | n | acc | delta_cp | 95% CI | TV |" + (" circular acc |" if circ else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if circ else "")]
+    extra = [k for k in EXTRA if any(k in c for cells in summary.values() for c in cells.values())]
+    head = ["source", "intervention", "n", "acc", "delta_cp", "95% CI", "TV"] + [EXTRA[k][0] for k in extra]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for source, cells in summary.items():
         for name, c in cells.items():
-            lines.append(f"| {source} | {name} | {c['n']} | {100 * c['acc']:.1f} | {c['delta_cp']:.3f} | "
-                         f"[{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] | {c['tv']:.3f} |"
-                         + ((f" {100 * c['circular_acc']:.1f} |" if "circular_acc" in c else " |") if circ else ""))
+            cols = [source, name, str(c["n"]), f"{100 * c['acc']:.1f}", f"{c['delta_cp']:.3f}",
+                    f"[{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]", f"{c['tv']:.3f}" if "tv" in c else "-"]
+            lines.append("| " + " | ".join(cols + [EXTRA[k][1](c) for k in extra]) + " |")
         name, acc = worst(cells)
         if name:
-            lines.append(f"| {source} | worst ({name}) | | {100 * acc:.1f} | | | |" + (" |" if circ else ""))
+            lines.append(f"| {source} | worst ({name}) | | {100 * acc:.1f} | | | |" + " |" * len(extra))
     return "\n".join(lines)
 
 
-def compare(a, b, names=("A", "B")):
-    """Two runs side by side: accuracy, delta_cp and n per source x intervention (like Table 5's rows)."""
+def compare(*summaries, names):
+    """Runs side by side: accuracy, delta_cp and n per source x intervention (like Table 5's rows)."""
     head = [f"{k} {n}" for k in ("acc", "delta_cp", "n") for n in names]
     lines = ["| source | intervention | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
-    for source in sorted(set(a) | set(b)):
+    for source in sorted(set().union(*summaries)):
         for name in perturb.APPLIES:
-            ca, cb = a.get(source, {}).get(name), b.get(source, {}).get(name)
-            if ca or cb:
-                cols = [f"{100 * c['acc']:.1f}" if c else "-" for c in (ca, cb)]
-                cols += [f"{c['delta_cp']:.3f}" if c else "-" for c in (ca, cb)]
-                cols += [str(c["n"]) if c else "0" for c in (ca, cb)]
+            cells = [s.get(source, {}).get(name) for s in summaries]
+            if any(cells):
+                cols = [f"{100 * c['acc']:.1f}" if c else "-" for c in cells]
+                cols += [f"{c['delta_cp']:.3f}" if c else "-" for c in cells]
+                cols += [str(c["n"]) if c else "0" for c in cells]
                 lines.append(f"| {source} | {name} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 
 def labels(paths):
     """The shortest path parts telling the files apart: .../vanilla/eval/predictions.jsonl and
-    .../ours/eval/predictions.jsonl are "vanilla" and "ours"."""
+    .../ours/eval/predictions.jsonl are "vanilla" and "ours". One file is named by its path as given."""
+    if len(paths) == 1:
+        return list(paths)
     parts = [os.path.abspath(q).split(os.sep) for q in paths]
-    while len(parts[0]) > 1 and len(parts[1]) > 1 and parts[0][0] == parts[1][0]:
+    while min(map(len, parts)) > 1 and len({q[0] for q in parts}) == 1:
         parts = [q[1:] for q in parts]
-    while len(parts[0]) > 1 and len(parts[1]) > 1 and parts[0][-1] == parts[1][-1]:
+    while min(map(len, parts)) > 1 and len({q[-1] for q in parts}) == 1:
         parts = [q[:-1] for q in parts]
     names = ["/".join(q) for q in parts]
-    return names if names[0] != names[1] else ["A", "B"]
+    return names if len(set(names)) == len(names) else [chr(ord("A") + i) for i in range(len(names))]
 
 
-def sample_differences(a, b, names):
-    """Per source, the sample ids only one run has: their numbers are not over the same questions."""
-    ids = [{}, {}]
-    for side, rows in zip(ids, (a, b)):
+def sample_differences(runs, names):
+    """Per source, the sample ids some run lacks: the runs' numbers are not over the same questions."""
+    ids = [{} for _ in runs]
+    for side, rows in zip(ids, runs):
         for r in rows:
             side.setdefault(r["source"], set()).add(r["id"])
     out = []
-    for source in sorted(set(ids[0]) | set(ids[1])):
-        for i in (0, 1):
-            only = sorted(ids[i].get(source, set()) - ids[1 - i].get(source, set()))
-            if only:
-                out.append(f"{source}: {len(only)} samples only in {names[i]} ({', '.join(only[:5])}"
-                           + (", ..." if len(only) > 5 else "") + ")")
+    for source in sorted(set().union(*ids)):
+        every = set().union(*(side.get(source, set()) for side in ids))
+        for side, name in zip(ids, names):
+            missing = sorted(every - side.get(source, set()))
+            if missing:
+                out.append(f"{source}: {len(missing)} samples missing from {name} ({', '.join(missing[:5])}"
+                           + (", ..." if len(missing) > 5 else "") + ")")
     return out
+
+
+def chart(path, summaries, names, sources, relative=False):
+    """The paper's Fig. 4: a radar chart with one axis per (source, intervention) of the sources in order, orig
+    included, the accuracy (relative: divided by the same run's orig accuracy on that source) on the radius,
+    and one polygon per run."""
+    from matplotlib.figure import Figure  # only the chart needs matplotlib
+    axes = [(s, n) for s in sources for n in perturb.APPLIES if any(n in x.get(s, {}) for x in summaries)]
+    angles = np.linspace(0, 2 * np.pi, len(axes), endpoint=False).tolist()
+    fig = Figure(figsize=CHART_SIZE, dpi=100)
+    ax = fig.add_subplot(projection="polar")
+    ax.set_theta_offset(np.pi / 2)  # the first axis at the top, then clockwise
+    ax.set_theta_direction(-1)
+    top = 100.0
+    for i, (summary, name) in enumerate(zip(summaries, names)):
+        values = []
+        for source, n in axes:
+            cells = summary.get(source, {})
+            acc = cells[n]["acc"] if n in cells else np.nan
+            if relative:  # a source without orig, or with none right under it, has no ratio
+                acc = acc / cells["orig"]["acc"] if cells.get("orig", {}).get("acc") else np.nan
+            values.append(100 * acc)
+        top = max(top, np.nanmax(values + [0]))
+        ax.plot(angles + angles[:1], values + values[:1], color=f"C{i}", lw=2, marker="o", ms=4, label=name)
+        if not np.isnan(values).any():  # a missing cell leaves a gap in the line, and no area to fill
+            ax.fill(angles, values, color=f"C{i}", alpha=0.1)
+    ax.set_xticks(angles, [f"{s}\n{n}" for s, n in axes])
+    ax.tick_params(axis="x", pad=14)  # the axis names clear of the outer circle and the points on it
+    ax.set_ylim(0, top * 1.05)
+    ax.set_rlabel_position(180 / len(axes))  # the radius' numbers between the first two axes
+    fig.suptitle("accuracy relative to the source's orig accuracy (%)" if relative else "accuracy (%)", y=0.98)
+    fig.legend(loc="lower center", ncol=min(len(names), 4), frameon=False)
+    fig.subplots_adjust(left=0.14, right=0.86, top=0.86, bottom=0.14)
+    fig.savefig(path)
 
 
 def output_path(path):
@@ -189,15 +262,25 @@ def diagnose(path, n_boot=1000, seed=0, rows=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("predictions", nargs="*", help="one predictions.jsonl, or two to compare")
+    p.add_argument("predictions", nargs="*", help="one predictions.jsonl, two to compare (with --chart, any number)")
     p.add_argument("--model", help="evaluate this model first (with --data and --out)")
     p.add_argument("--data", nargs="+")
     p.add_argument("--out")
     p.add_argument("--overwrite", action="store_true", help="with --model: replace predictions of other settings")
+    p.add_argument("--protocol", default="ours", choices=["ours", "authors"], help="with --model: evaluate.py's "
+                   "--protocol (authors: their prompt, generated answers parsed for an option, 336 px canvases)")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="of the bootstrap and of the interventions")
+    p.add_argument("--chart", metavar="FILE.png", help="also draw a radar chart (the paper's Fig. 4): one axis per "
+                   "image- or text-heavy source x intervention, accuracy on the radius, one polygon per run")
+    p.add_argument("--relative", action="store_true", help="with --chart: accuracy relative to the same run's "
+                   "orig accuracy on that source")
     args = p.parse_args(argv)
     paths = args.predictions
+    if args.relative and not args.chart:
+        p.error("--relative is an option of --chart")
+    if args.chart and not os.path.isdir(os.path.dirname(os.path.abspath(args.chart))):
+        p.error(f"--chart {args.chart}: its folder does not exist")
     if args.model:
         import evaluate
         if not (args.data and args.out) or paths:
@@ -205,28 +288,41 @@ def main(argv=None):
         rank, device, dtype = evaluate.setup()
         try:
             evaluate.run(args.model, args.data, args.out, seed=args.seed, device=device, dtype=dtype,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, **evaluate.PROTOCOLS[args.protocol])
         except (evaluate.RunError, DataError) as e:
             sys.exit(f"error: {e}")
         if rank != 0:  # under torchrun, rank 0 alone diagnoses what all ranks scored
             return
         paths = [os.path.join(args.out, "predictions.jsonl")]
-    if len(paths) not in (1, 2):
-        p.error("give one predictions file, two to compare, or --model with --data and --out")
+    if not paths or (len(paths) > 2 and not args.chart):
+        p.error("give one predictions file, two to compare (any number with --chart), or --model with --data and --out")
     try:
         rows = [read(path) for path in paths]
     except DataError as e:
         sys.exit(f"error: {e}")
+    for path, r in zip(paths, rows):
+        if args.chart and not any(x["task"] in CHART_TASKS for x in r):
+            sys.exit(f"error: {path}: no image-heavy or text-heavy rows, and the radar chart's axes are their "
+                     "sources x interventions (VQA has no interference to chart)")
     summaries = [diagnose(path, args.n_boot, args.seed, r) for path, r in zip(paths, rows)]
     for path, summary in zip(paths, summaries):
         print(f"{path} -> {output_path(path)}\n{table(summary)}\n")
-    if len(paths) == 2:
-        names = labels(paths)
+    names = labels(paths)
+    if len(paths) > 1:
         print(compare(*summaries, names=names))
-        differ = sample_differences(*rows, names)
+        differ = sample_differences(rows, names)
         if differ:
             print("warning: the runs cover different samples, so their numbers differ by that too:\n  "
                   + "\n  ".join(differ), file=sys.stderr)
+        scores = [r[0].get("score", "logits") for r in rows]
+        if len(set(scores)) > 1:
+            print("warning: the runs were scored differently (" + ", ".join(f"{n}: {s}" for n, s in zip(names, scores))
+                  + "), so their numbers differ by that too", file=sys.stderr)
+    if args.chart:
+        tasks = {x["source"]: x["task"] for r in rows for x in r if x["task"] in CHART_TASKS}
+        sources = sorted(tasks, key=lambda s: (CHART_TASKS.index(tasks[s]), s))  # image-heavy ones first
+        chart(args.chart, summaries, names, sources, args.relative)
+        print(f"wrote {args.chart}")
 
 
 if __name__ == "__main__":

@@ -870,6 +870,11 @@ def test_diagnose_circular_accuracy_needs_every_pass_of_a_question_right(tmp_pat
     (lambda rows: rows[0].update(pred=1), 1, "pred 1 is not an argmax"),
     (lambda rows: rows[3].update(intervention="fb"), 4, "intervention 'fb' does not apply to task 'image_heavy'"),
     (lambda rows: rows[5].update(intervention="md"), 6, "a second 'md' row for id 'b'"),
+    (lambda rows: rows[0].update(pred=None), 1, "pred None is not an option index below 3"),  # logits rows parse
+    (lambda rows: rows[1].update(probs=None), 2, "probs must be a distribution over >= 2 options, not None"),
+    (lambda rows: rows[2].update(score="generated"), 3, "score 'generated' is not one of logits, generate"),
+    (lambda rows: [r.update(score="generate", probs=None) for r in rows] and rows[2].update(pred=-1), 3,
+     "pred -1 is not an option index"),
 ])
 def test_diagnose_reports_bad_predictions_with_their_line(tmp_path, edit, line, message):
     import diagnose
@@ -879,6 +884,132 @@ def test_diagnose_reports_bad_predictions_with_their_line(tmp_path, edit, line, 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=re.escape(f"{path}:{line}: ") + message):
         diagnose.read(str(path))
+
+
+def _generated(id, task, source, name, pred, answer, probs=None):
+    return dict(_pred(id, task, source, name, probs, pred, answer), score="generate", text="...")
+
+
+def test_diagnose_counts_unparsed_generated_answers_as_wrong_and_as_an_answer_of_their_own(tmp_path, capsys):
+    import diagnose
+    answers = [("g1", "orig", 0, 0), ("g1", "md", None, 0), ("g2", "orig", None, 1), ("g2", "md", None, 1),
+               ("g3", "orig", 1, 1), ("g3", "md", 0, 1)]
+    rows = [_generated(i, "image_heavy", "cls", name, pred, answer) for i, name, pred, answer in answers]
+    rows += [_generated("g4", "image_heavy", "cls", "orig", 2, 1, [0.2, 0.3, 0.5]),
+             _generated("g4", "image_heavy", "cls", "md", 1, 1, [0.6, 0.4, 0.0]),  # a generated pred: not the argmax
+             _generated("t", "text_heavy", "qa", "orig", 0, 0), _generated("t", "text_heavy", "qa", "fb", 0, 0)]
+    path = tmp_path / "gen" / "predictions.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = diagnose.diagnose(str(path), n_boot=50)
+    assert json.loads((tmp_path / "gen" / "diagnosis.json").read_text()) == got
+    cls, qa = got["cls"], got["qa"]
+    # by hand: orig right for g1, g3; md right for g4 only; md changes g1 (0 -> unparsed), g3 and g4, not g2
+    assert (cls["orig"]["acc"], cls["orig"]["unparsed"]) == (2 / 4, 1)
+    assert (cls["md"]["acc"], cls["md"]["delta_cp"], cls["md"]["unparsed"]) == (1 / 4, 3 / 4, 2)
+    assert cls["md"]["tv"] == pytest.approx(0.5 * (0.4 + 0.1 + 0.5))  # g4, the one pair with probs on both sides
+    assert qa["fb"] == {"n": 1, "acc": 1.0, "delta_cp": 0.0, "ci": [0.0, 0.0]}  # no probs: no tv; no unparsed
+    table = diagnose.table(got)
+    assert "| source | intervention | n | acc | delta_cp | 95% CI | TV | unparsed |" in table
+    assert re.search(r"^\| cls \| md \| 4 \| 25\.0 \| 0\.750 \| \[.*\] \| 0\.500 \| 2 \|$", table, re.MULTILINE)
+    assert "| qa | fb | 1 | 100.0 | 0.000 | [0.000, 0.000] | - | 0 |" in table
+    (tmp_path / "logits").mkdir()
+    (tmp_path / "logits" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _handmade()))
+    diagnose.main([str(tmp_path / "logits" / "predictions.jsonl"), str(path)])
+    assert "the runs were scored differently (logits: logits, gen: generate)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("first_score, later, line, message", [
+    (None, 4, 4, "a 'generate'-scored row after 'logits'-scored ones (line 1)"),   # no score key: logits
+    ("generate", 2, 2, "a 'logits'-scored row after 'generate'-scored ones (line 1)"),
+])
+def test_diagnose_refuses_a_file_that_mixes_logits_and_generated_answers(tmp_path, first_score, later, line, message):
+    import diagnose
+    rows = _handmade()
+    if first_score:
+        rows = [dict(r, score="generate") for r in rows]
+        del rows[later - 1]["score"]
+    else:
+        rows[later - 1]["score"] = "generate"
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=re.escape(f"{path}:{line}: {message}")):
+        diagnose.read(str(path))
+
+
+def test_labels_name_any_number_of_runs_by_the_path_parts_that_differ():
+    import diagnose
+    assert diagnose.labels(["/x/a/eval/p.jsonl", "/x/b/eval/p.jsonl", "/x/c/d/eval/p.jsonl"]) == ["a", "b", "c/d"]
+    assert diagnose.labels(["/x/a/p.jsonl", "/x/a/p.jsonl"]) == ["A", "B"]
+    assert diagnose.labels(["out/a/p.jsonl"]) == ["out/a/p.jsonl"]
+
+
+def _saved_figures(monkeypatch):
+    """Every matplotlib figure saved from now on, kept to read what was drawn."""
+    from matplotlib.figure import Figure
+    saved, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k))[1])
+    return saved
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_radar_chart_has_one_labelled_polygon_per_run_over_the_image_and_text_heavy_cells(tmp_path, monkeypatch,
+                                                                                          relative):
+    import diagnose
+    saved = _saved_figures(monkeypatch)
+    paths = []
+    for name, edit in (("vanilla", {}), ("ours", {1: 0, 7: 0})):   # ours keeps a's answer and gets c right under md
+        rows = _handmade() + [_pred("v", "vqa", "vqa", "orig", [0.6, 0.4], 0, 0)]  # VQA gets no axis
+        for i, pred in edit.items():
+            rows[i].update(pred=pred, probs=[0.8, 0.1, 0.1])
+        paths.append(tmp_path / name / "eval" / "predictions.jsonl")
+        paths[-1].parent.mkdir(parents=True)
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = tmp_path / "radar.png"
+    diagnose.main(["--chart", str(png)] + ["--relative"] * relative + [str(q) for q in paths])
+    (ax,) = saved[0].axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cls\norig", "cls\nuf", "cls\nmd", "qa\norig", "qa\nfb"]
+    # by hand from _handmade: cls orig 2/3 right, uf 2/2, md 0/3 (ours: a and c right, 2/3); qa orig 2/2, fb 1/2
+    accs = {"vanilla": [2 / 3, 1, 0, 1, 1 / 2], "ours": [2 / 3, 1, 2 / 3, 1, 1 / 2]}
+    for line, (name, acc) in zip(ax.get_lines(), accs.items()):
+        orig = [acc[0]] * 3 + [acc[3]] * 2
+        want = [100 * a / o if relative else 100 * a for a, o in zip(acc, orig if relative else [1] * 5)]
+        assert line.get_label() == name and list(line.get_ydata()) == pytest.approx(want + want[:1])  # closed
+    assert len(ax.get_lines()) == 2 and saved[0].texts[0].get_text().startswith("accuracy relative" if relative
+                                                                              else "accuracy (%)")
+    image = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
+    assert Image.open(png).size == (700, 700)
+    counts = [int((image == c).all(1).sum()) for c in ([31, 119, 180], [255, 127, 14], [44, 160, 44])]  # C0 C1 C2
+    assert counts[0] > 300 and counts[1] > 300 and counts[2] == 0  # drawn polygons, not legend marks alone
+
+
+def test_radar_chart_refuses_predictions_without_image_or_text_heavy_rows(tmp_path):
+    import diagnose
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(json.dumps(_pred("v", "vqa", "vqa", "orig", [0.6, 0.4], 0, 0)) + "\n")
+    with pytest.raises(SystemExit) as e:
+        diagnose.main(["--chart", str(tmp_path / "radar.png"), str(path)])
+    assert str(e.value.code) == (f"error: {path}: no image-heavy or text-heavy rows, and the radar chart's axes are "
+                                 "their sources x interventions (VQA has no interference to chart)")
+    assert not (tmp_path / "radar.png").exists() and not (tmp_path / "diagnosis.json").exists()
+
+
+def test_toy_ablation_chart_shows_the_mean_and_the_spread_over_seeds(tmp_path, monkeypatch):
+    import toy
+    saved = _saved_figures(monkeypatch)
+    columns = ["image_heavy clean", "vqa clean"]
+    results = {"vanilla": [{"image_heavy clean": 90, "vqa clean": 100}, {"image_heavy clean": 96, "vqa clean": 100}],
+               "ours": [{"image_heavy clean": 99, "vqa clean": 98}, {"image_heavy clean": 100, "vqa clean": 100}]}
+    toy.chart(results, columns, str(tmp_path / "ablation.png"))
+    (ax,) = saved[0].axes
+    assert Image.open(tmp_path / "ablation.png").size == (900, 450)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["image clean", "vqa clean"] and "seeds" in ax.get_ylabel()
+    bars = [c for c in ax.containers if hasattr(c, "patches")]
+    assert [b.get_label() for b in bars] == ["vanilla", "ours"]
+    for bar, mean, spread in zip(bars, [[93, 100], [99.5, 99]], [[3, 0], [0.5, 1]]):  # population std of two seeds
+        assert [p.get_height() for p in bar.patches] == pytest.approx(mean)
+        ends = [y for seg in bar.errorbar.lines[2][0].get_segments() for y in seg[:, 1]]
+        assert ends == pytest.approx([y for m, s in zip(mean, spread) for y in (m - s, m + s)])
 
 
 def test_evaluate_refuses_an_out_of_other_settings_unless_overwrite(tiny, tmp_path):
@@ -1013,7 +1144,8 @@ def test_diagnose_names_two_runs_by_their_paths_shows_n_and_warns_of_other_sampl
     assert ("| source | intervention | acc vanilla | acc ours | delta_cp vanilla | delta_cp ours | n vanilla | n ours |"
             in out)
     assert "| cls | md | 0.0 | 0.0 | 0.667 | 1.000 | 3 | 2 |" in out  # a and b flip in both; c only in vanilla
-    assert "warning: the runs cover different samples" in err and "cls: 1 samples only in vanilla (c)" in err
+    assert "warning: the runs cover different samples" in err and "cls: 1 samples missing from ours (c)" in err
+    assert "scored differently" not in err  # neither file says, so both are logits
 
 
 # ---- the toy world ---------------------------------------------------------------------------------------

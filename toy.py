@@ -80,12 +80,14 @@ def diagnosis(model, seed):
     return diagnose.diagnose(os.path.join(out, "predictions.jsonl"))
 
 
+SOURCES = {"image_heavy": ["toy-shapes"], "text_heavy": ["toy-stated", "toy-known"], "vqa": ["toy-colors"]}
+
+
 def row(summary):
     """The numbers of a Table-5 row: clean and worst-perturbation accuracy per task (over its sources,
     weighted by their sizes), VQA accuracy."""
-    tasks = {"image_heavy": ["toy-shapes"], "text_heavy": ["toy-stated", "toy-known"], "vqa": ["toy-colors"]}
     out = {}
-    for task, sources in tasks.items():
+    for task, sources in SOURCES.items():
         acc = {}
         for name in summary[sources[0]]:
             cells = [summary[s][name] for s in sources]
@@ -167,7 +169,10 @@ def main():
     ours = train(vanilla, os.path.join(root, "ours"), ["--preset", "ours", *FINETUNE], args.seed, args.finetune_steps)
     phase("diagnosing the fine-tuned model", t0, 4.8, 5)
     after = diagnosis(ours, args.seed)
-    print(f"\ndone in {(time.time() - t0) / 60:.1f} min; predictions and diagnosis.json under {root}\n")
+    radar = os.path.join(root, "radar.png")
+    diagnose.chart(radar, [before, after], ["vanilla", "ours"], SOURCES["image_heavy"] + SOURCES["text_heavy"])
+    print(f"\ndone in {(time.time() - t0) / 60:.1f} min; predictions and diagnosis.json under {root}, "
+          f"the radar chart in {radar}\n")
     print(before_after(before, after))
 
 
@@ -198,31 +203,33 @@ def ablation(out, t0):
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min; {out}/ablation.md and ablation.png\n\n{table}")
 
 
+# One colour per preset, in the order of the ablation: grey the baseline, blues the plain fine-tuning,
+# oranges the consistency terms, greens the noise, red the method.
+PALETTE = ["#787878", "#aac8e6", "#5a96d2", "#fabe6e", "#f08c3c", "#b4dca0", "#64b464", "#c83232"]
+
+
 def chart(results, columns, path):
-    """Grouped bars (one group per column, one bar per preset, mean over seeds) drawn with Pillow."""
-    from PIL import Image, ImageDraw
-    presets = list(results)
-    palette = [(120, 120, 120), (170, 200, 230), (90, 150, 210), (250, 190, 110), (240, 140, 60),
-               (180, 220, 160), (100, 180, 100), (200, 50, 50)]
-    bar, gap, height = 10, 24, 220
-    width = 60 + len(columns) * (len(presets) * bar + gap)
-    im = Image.new("RGB", (width, height + 60 + 14 * len(presets)), "white")
-    d = ImageDraw.Draw(im)
-    for y in range(0, 101, 25):
-        d.line([(50, 10 + height * (1 - y / 100)), (width, 10 + height * (1 - y / 100))], fill=(225, 225, 225))
-        d.text((20, 4 + height * (1 - y / 100)), str(y), fill="black")
-    for ci, col in enumerate(columns):
-        x0 = 60 + ci * (len(presets) * bar + gap)
-        for pi, preset in enumerate(presets):
-            v = statistics.mean(r[col] for r in results[preset])
-            x = x0 + pi * bar
-            d.rectangle([x, 10 + height * (1 - v / 100), x + bar - 2, 10 + height], fill=palette[pi % len(palette)])
-        d.text((x0, height + 16), col.replace("_heavy", ""), fill="black")
-    for pi, preset in enumerate(presets):
-        y = height + 40 + 14 * pi
-        d.rectangle([60, y, 70, y + 9], fill=palette[pi % len(palette)])
-        d.text((76, y - 2), preset, fill="black")
-    im.save(path)
+    """Grouped bars: one group per column, one bar per preset at its mean over seeds, with the spread over
+    seeds (population standard deviation, as in ablation.md) as an error bar."""
+    from matplotlib.figure import Figure  # only the chart needs matplotlib
+    fig = Figure(figsize=(9, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    width = 0.8 / len(results)
+    for i, (preset, rows) in enumerate(results.items()):
+        x = [c + (i - (len(results) - 1) / 2) * width for c in range(len(columns))]
+        mean = [statistics.mean(r[c] for r in rows) for c in columns]
+        spread = [statistics.pstdev(r[c] for r in rows) for c in columns]
+        ax.bar(x, mean, width, yerr=spread, capsize=2, color=PALETTE[i % len(PALETTE)], label=preset,
+               error_kw=dict(lw=0.8))
+    ax.set_xticks(range(len(columns)), [c.replace("_heavy", "") for c in columns])
+    ax.set_xlabel("task: clean accuracy, or under its worst intervention (perturbed)")
+    ax.set_ylabel(f"accuracy (%), mean ± spread over {len(next(iter(results.values())))} seeds")
+    ax.set_ylim(0, 105)
+    ax.grid(axis="y", color="#e1e1e1")
+    ax.set_axisbelow(True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    fig.subplots_adjust(left=0.08, right=0.86, bottom=0.14, top=0.96)
+    fig.savefig(path)
 
 
 if __name__ == "__main__":
