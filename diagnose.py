@@ -64,7 +64,9 @@ def read(path):
             if not distribution(probs) and not (generated and probs is None):
                 raise DataError(f"{where}: probs must be a distribution over >= 2 options"
                                 + (" or null (a generated answer)" if generated else "") + f", not {probs!r:.60}")
-            n = len(probs) if probs else None  # a generated answer without probs: the row does not say
+            n = len(probs) if probs else r.get("n_options")  # a generated answer: its n_options, where written
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 2):
+                raise DataError(f"{where}: n_options {n!r} is not a number of options (2 or more)")
             for k in ("pred", "answer"):
                 if r[k] is None and k == "pred" and generated:
                     continue  # the parser read no option from the text: a wrong answer, and one of its own

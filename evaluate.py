@@ -386,7 +386,7 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
             for (s, name), f in zip([jobs[i] for i in mine], found):
                 new.append({"id": s["id"], "task": s["task"], "source": s["source"], "intervention": name,
                             "score": scoring, "probs": f["probs"], "pred": f["pred"], "answer": s["answer"],
-                            **({"text": f["text"]} if "text" in f else {}),
+                            **({"text": f["text"], "n_options": len(s["options"])} if "text" in f else {}),
                             **({"question_id": s["question_id"]} if "question_id" in s else {})})
         gathered = [None] * world if master else None
         if world > 1:

@@ -875,6 +875,10 @@ def test_diagnose_circular_accuracy_needs_every_pass_of_a_question_right(tmp_pat
     (lambda rows: rows[2].update(score="generated"), 3, "score 'generated' is not one of logits, generate"),
     (lambda rows: [r.update(score="generate", probs=None) for r in rows] and rows[2].update(pred=-1), 3,
      "pred -1 is not an option index"),
+    (lambda rows: [r.update(score="generate", probs=None, n_options=3) for r in rows] and rows[3].update(pred=3), 4,
+     "pred 3 is not an option index below 3"),  # n_options, written by evaluate.py, bounds a generated answer
+    (lambda rows: [r.update(score="generate", probs=None, n_options=3) for r in rows] and rows[1].update(n_options=1),
+     2, "n_options 1 is not a number of options"),
 ])
 def test_diagnose_reports_bad_predictions_with_their_line(tmp_path, edit, line, message):
     import diagnose

@@ -72,7 +72,7 @@ def test_generate_scoring_writes_text_and_parsed_pred_and_counts_unparsed(tiny, 
         s = samples[r["id"]]
         s = perturb.perturb(s, r["intervention"], evaluate.rng_for(0, s, r["intervention"]), size=M.image_size(p),
                             ri_images=ri)
-        assert r["score"] == "generate" and r["probs"] is None
+        assert r["score"] == "generate" and r["probs"] is None and r["n_options"] == len(s["options"])
         assert r["text"] == _alone(m, p, s, 3, 1.2)
         assert r["pred"] == evaluate.parse_answer(r["text"], s["options"])
         counts.setdefault(r["intervention"], [0, 0])
