@@ -24,17 +24,29 @@ ALIASES = {
     "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
     "instructblip-vicuna-7b": "Salesforce/instructblip-vicuna-7b",
     "instructblip-vicuna-13b": "Salesforce/instructblip-vicuna-13b",
+    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "llava-next-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "llava-next-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
 }
 
 SYSTEM_QWEN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
 
-class QwenImageProcessor(transformers.Qwen2_5_VLProcessor):
-    """Qwen2.5-VL's processor without its video half: transformers' video processors need torchvision,
-    which has no build matching CPU torch here (SPEC section 6). Images are handled by the real code."""
+class NoVideo:
+    """A processor without its video half: transformers' video processors need torchvision, which has no
+    build matching CPU torch here (SPEC section 6). Images are handled by the real code."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+
+class QwenImageProcessor(NoVideo, transformers.Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without its video half."""
+
+
+class Qwen2ImageProcessor(NoVideo, transformers.Qwen2VLProcessor):
+    """Qwen2-VL's processor without its video half."""
 
 
 class InstructBlipImageProcessor(transformers.InstructBlipProcessor):
@@ -87,19 +99,21 @@ def _expanded(processor, size):
 # input_ids, image_grid_thw and mm_token_type_ids so that its M-RoPE positions are recomputed
 # (with inputs_embeds alone it silently reuses stale rope_deltas from the previous call).
 # `processor`: the class load() builds from a checkpoint's parts, whatever its processor_config.json says.
+# `config_keys`: config entries get_image_features needs passed (LLaVA's does not read them from the config).
 # `image_tokens(processor, (width, height))`: the image tokens the processor inserts for an image of that size,
 # from the size alone; `dynamic`: whether that number depends on the size (Qwen2.5-VL's dynamic resolution).
+LLAVA_KEYS = ("vision_feature_layer", "vision_feature_select_strategy")
 FAMILIES = {
     "llava": dict(
         cls=transformers.LlavaForConditionalGeneration, processor=transformers.LlavaProcessor,
         frozen=("model.vision_tower.",),
-        image_keys=("pixel_values",), lm_keys=("attention_mask",), lm=None,
+        image_keys=("pixel_values",), lm_keys=("attention_mask",), lm=None, config_keys=LLAVA_KEYS,
         image_size=lambda ip: ip.crop_size["height"], image_tokens=_expanded, dynamic=False),
     "qwen2.5-vl": dict(
         cls=transformers.Qwen2_5_VLForConditionalGeneration, processor=QwenImageProcessor,
         frozen=("model.visual.patch_embed.", "model.visual.blocks."),  # the merger is the projector
         image_keys=("pixel_values", "image_grid_thw"),
-        lm_keys=("attention_mask", "input_ids", "image_grid_thw", "mm_token_type_ids"), lm=None,
+        lm_keys=("attention_mask", "input_ids", "image_grid_thw", "mm_token_type_ids"), lm=None, config_keys=(),
         # dynamic resolution: a square of at most 448 px (256 tokens), within the processor's pixel budget
         image_size=lambda ip: min(448, 28 * int(math.sqrt(ip.size["longest_edge"]) // 28)),
         image_tokens=_expanded, dynamic=True),
@@ -107,11 +121,24 @@ FAMILIES = {
         cls=transformers.InstructBlipForConditionalGeneration, processor=InstructBlipImageProcessor,
         frozen=("vision_model.", "qformer.", "query_tokens"),
         image_keys=("pixel_values", "qformer_input_ids", "qformer_attention_mask"),
-        lm_keys=("attention_mask",), lm="language_model",  # its forward insists on pixel_values
+        lm_keys=("attention_mask",), lm="language_model", config_keys=(),  # its forward insists on pixel_values
         image_size=lambda ip: ip.size["height"],
         image_tokens=lambda p, size: p.num_query_tokens, dynamic=False),  # prepended to the prompt's tokens
+    # LLaVA-NeXT: anyres, the image as tiles of the encoder's size plus the whole image at that size; its image
+    # tokens depend on the image's size (the unpadded grid plus one newline token a row)
+    "llava-next": dict(
+        cls=transformers.LlavaNextForConditionalGeneration, processor=transformers.LlavaNextProcessor,
+        frozen=("model.vision_tower.",),
+        image_keys=("pixel_values", "image_sizes"), lm_keys=("attention_mask",), lm=None, config_keys=LLAVA_KEYS,
+        image_size=lambda ip: ip.crop_size["height"], image_tokens=_expanded, dynamic=True),
 }
-MODEL_TYPES = {"llava": "llava", "qwen2_5_vl": "qwen2.5-vl", "instructblip": "instructblip"}
+# Qwen2-VL: Qwen2.5-VL's row (M-RoPE, dynamic resolution; only the vision tower's code differs), its own classes
+FAMILIES["qwen2-vl"] = dict(FAMILIES["qwen2.5-vl"], cls=transformers.Qwen2VLForConditionalGeneration,
+                            processor=Qwen2ImageProcessor)
+# LLaVA-NeXT on Mistral: the same row, another chat template (PROMPTS)
+FAMILIES["llava-next-mistral"] = FAMILIES["llava-next"]
+MODEL_TYPES = {"llava": "llava", "qwen2_5_vl": "qwen2.5-vl", "instructblip": "instructblip", "qwen2_vl": "qwen2-vl",
+               "llava_next": "llava-next", "llava_next/mistral": "llava-next-mistral"}
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "qformer_input_ids", "qformer_attention_mask")
 
 
@@ -150,6 +177,16 @@ PROMPTS = {
         render=perturb.render, prompt=SYSTEM_QWEN + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
         "{text}<|im_end|>\n<|im_start|>assistant\n", answer="{}", eos=True),
     ("instructblip", "ours"): dict(render=perturb.render, prompt="{text}", answer=" {}", eos=True),
+    # the chat templates of Qwen2-VL-Instruct and Qwen2.5-VL-Instruct write the same text
+    ("qwen2-vl", "ours"): dict(render=perturb.render, prompt=SYSTEM_QWEN + "<|im_start|>user\n<|vision_start|>"
+                               "<|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n", answer="{}",
+                               eos=True),
+    # llava-hf's llava-v1.6-vicuna-7b-hf template writes LLaVA-1.5's "USER: <image>\n{text} ASSISTANT:", its
+    # -mistral-7b-hf one "[INST] <image>\n{text} [/INST]"
+    ("llava-next", "ours"): dict(render=perturb.render, prompt="USER: <image>\n{text} ASSISTANT:", answer=" {}",
+                                 eos=True),
+    ("llava-next-mistral", "ours"): dict(render=perturb.render, prompt="[INST] <image>\n{text} [/INST]", answer=" {}",
+                                         eos=True),
     # modules/data/LlavaDataset.py: processor.apply_chat_template([system, user(image, question)],
     # add_generation_prompt=True) + answer; the llava-1.5 template writes a system turn as its text + " " and
     # ends in "ASSISTANT:", so a row is "{system} USER: <image>\nQuestion:\n...D: tree\n ASSISTANT:A". The answer
@@ -180,7 +217,11 @@ STYLES = ("ours", "authors")
 def _row(processor, style):
     if style not in STYLES:
         raise ValueError(f"unknown prompt style {style!r}: expected one of {', '.join(STYLES)}")
-    return PROMPTS[family(processor), style]
+    fam = family(processor)
+    if (fam, style) not in PROMPTS:
+        raise ValueError(f"prompt style {style!r} is not written for the {fam} family: use "
+                         + " or ".join(repr(s) for f, s in PROMPTS if f == fam))
+    return PROMPTS[fam, style]
 
 
 def prompt_text(processor, sample, train=False, style="ours"):
@@ -196,7 +237,14 @@ def prompt_text(processor, sample, train=False, style="ours"):
 
 
 def family(model_or_processor):
-    return getattr(model_or_processor, "family", None) or MODEL_TYPES[model_or_processor.config.model_type]
+    return getattr(model_or_processor, "family", None) or family_of(model_or_processor.config.to_dict())
+
+
+def family_of(config):
+    """The family of a config (a dict): by its model type, and its language model's where that picks the
+    template (LLaVA-NeXT on Vicuna or on Mistral). None for a model type no family has."""
+    text = (config.get("text_config") or {}).get("model_type")
+    return MODEL_TYPES.get(f"{config.get('model_type')}/{text}") or MODEL_TYPES.get(config.get("model_type"))
 
 
 # A hub id is "name" or "org/name" (huggingface_hub's rule); anything else a user passes is a local path.
@@ -248,11 +296,12 @@ def checkpoint_family(path):
     else:
         file = huggingface_hub.hf_hub_download(path, "config.json")  # what transformers fetches first anyway
     with open(file, encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"{path}: model type {model_type!r} is not supported; the families are "
-                         + ", ".join(f"{fam} (model_type {t!r})" for t, fam in MODEL_TYPES.items()))
-    return MODEL_TYPES[model_type]
+        config = json.load(f)
+    if family_of(config) is None:
+        types = [(fam, *t.split("/")) for t, fam in MODEL_TYPES.items()]  # "llava_next/mistral": on that LLM
+        raise ValueError(f"{path}: model type {config.get('model_type')!r} is not supported; the families are "
+                         + ", ".join(f"{fam} (model_type {t[0]!r}{' on ' + t[1] if t[1:] else ''})" for fam, *t in types))
+    return family_of(config)
 
 
 def load_processor(name_or_path):
@@ -282,7 +331,7 @@ def load(name_or_path, dtype=None, device=None, meta=False):
 def save(model, processor, folder, state_dict=None):
     """A Hugging Face folder: safetensors weights, config and processor (SPEC section 6)."""
     model.save_pretrained(folder, state_dict=state_dict)
-    if isinstance(processor, QwenImageProcessor):  # cannot be saved whole without torchvision
+    if isinstance(processor, NoVideo):  # cannot be saved whole without torchvision
         processor.tokenizer.save_pretrained(folder)
         processor.image_processor.save_pretrained(folder)
     else:
@@ -400,8 +449,12 @@ def collate(processor, samples, train=True, max_length=None, style="ours"):
             width = max(r[key].shape[1] for r in rows)
             batch[key] = torch.cat([torch.nn.functional.pad(r[key], (0, width - r[key].shape[1]), value=pad)
                                     for r in rows])
-        else:  # images: stacked (LLaVA, InstructBLIP) or concatenated patches (Qwen2.5-VL)
-            batch[key] = torch.cat([r[key] for r in rows])
+        else:  # images: stacked (LLaVA, InstructBLIP) or concatenated patches (Qwen); LLaVA-NeXT's
+            # [1, tiles, C, H, W] padded with zero tiles to the most tiles, as its processor pads a batch (the
+            # model reads each image's first tiles only, counted from image_sizes)
+            tiles = max(r[key].shape[1] for r in rows) if rows[0][key].dim() == 5 else 0
+            batch[key] = torch.cat([torch.nn.functional.pad(r[key], (0,) * 6 + (0, tiles - r[key].shape[1]))
+                                    if tiles else r[key] for r in rows])
     batch["tasks"] = [s["task"] for s in samples]
     return batch
 
@@ -417,10 +470,7 @@ def embed(model, batch):
     f = FAMILIES[family(model)]
     ids = batch["input_ids"]
     embeds = model.get_input_embeddings()(ids)
-    kwargs = {k: batch[k] for k in f["image_keys"]}
-    if family(model) == "llava":  # get_image_features does not read these from the config
-        kwargs.update(vision_feature_layer=model.config.vision_feature_layer,
-                      vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+    kwargs = {k: batch[k] for k in f["image_keys"]} | {k: getattr(model.config, k) for k in f["config_keys"]}
     feats = model.get_image_features(**kwargs).pooler_output
     feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.flatten(0, -2)
     image_mask = ids == model.config.image_token_id
@@ -505,8 +555,10 @@ def make_parts(family, words=(), hidden=32, layers=2, heads=2, vision_hidden=32,
     """(config, processor) of the family at any size: tiny for the tests and the toy world, or a
     published 7B/13B shape for bench.py (vocab pads the embedding table to the real size; the offline
     word-level tokenizer uses its first ids). Defaults: MLPs 2x wide, as many KV heads as heads."""
+    words = list(words) + ["INST"] * (family == "llava-next-mistral")  # its template's "[INST]"
     # InstructBlipProcessor wants a tokenizer without an `image_token` attribute (it adds its own)
-    tok = make_tokenizer(words, {"qwen2.5-vl": "<|image_pad|>", "instructblip": None}.get(family, "<image>"))
+    tok = make_tokenizer(words, {"qwen2.5-vl": "<|image_pad|>", "qwen2-vl": "<|image_pad|>",
+                                 "instructblip": None}.get(family, "<image>"))
     V, ids = max(len(tok), vocab or 0), tok.convert_tokens_to_ids
     text = dict(vocab_size=V, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
@@ -524,21 +576,38 @@ def make_parts(family, words=(), hidden=32, layers=2, heads=2, vision_hidden=32,
         ip = CLIPImageProcessorPil(size={"shortest_edge": image}, crop_size={"height": image, "width": image})
         processor = transformers.LlavaProcessor(ip, tok, patch_size=patch, vision_feature_select_strategy="default",
                                                 num_additional_image_tokens=1)
-    elif family == "qwen2.5-vl":
+    elif family == "llava-next" or family == "llava-next-mistral":
+        # anyres over the published pinpoints' shapes (1x2, 2x1, 2x2, 3x1 and 1x3 tiles of the encoder's size)
+        pinpoints = [[image * h, image * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+        llm = transformers.MistralConfig if family == "llava-next-mistral" else transformers.LlamaConfig
+        config = transformers.LlavaNextConfig(
+            vision_config=transformers.CLIPVisionConfig(**vision, image_size=image, patch_size=patch),
+            text_config=llm(**text), image_token_index=ids("<image>"), image_grid_pinpoints=pinpoints,
+            vision_feature_select_strategy="default", vision_feature_layer=-2)
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+        ip = LlavaNextImageProcessorPil(size={"shortest_edge": image}, crop_size={"height": image, "width": image},
+                                        image_grid_pinpoints=pinpoints)
+        processor = transformers.LlavaNextProcessor(ip, tok, patch_size=patch, vision_feature_select_strategy="default",
+                                                    num_additional_image_tokens=1)
+    elif family == "qwen2.5-vl" or family == "qwen2-vl":
         tok.eos_token = "<|im_end|>"  # the Instruct checkpoints end a turn with it
         sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
         text.update(num_key_value_heads=kv_heads or 1, eos_token_id=ids("<|im_end|>"),
                     rope_parameters={"rope_type": "default", "mrope_section": sections, "rope_theta": 10000.0})
-        config = transformers.Qwen2_5_VLConfig(
+        if family == "qwen2.5-vl":
+            cls, visual = transformers.Qwen2_5_VLConfig, dict(
+                hidden_size=vision_hidden, intermediate_size=vision["intermediate_size"], out_hidden_size=hidden,
+                window_size=112, fullatt_block_indexes=[vision_layers - 1])
+        else:  # Qwen2-VL's tower: no window attention, its MLP width a multiple of its own, its output `hidden_size`
+            cls, visual = transformers.Qwen2VLConfig, dict(
+                embed_dim=vision_hidden, mlp_ratio=vision["intermediate_size"] // vision_hidden, hidden_size=hidden)
+        config = cls(
             text_config=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
             vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-            vision_config=dict(depth=vision_layers, hidden_size=vision_hidden,
-                               intermediate_size=vision["intermediate_size"], num_heads=vision_heads,
-                               out_hidden_size=hidden,
-                               patch_size=14, window_size=112, fullatt_block_indexes=[vision_layers - 1]))
+            vision_config=dict(depth=vision_layers, num_heads=vision_heads, patch_size=14, **visual))
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
-        processor = QwenImageProcessor(image_processor=ip, tokenizer=tok)
+        processor = FAMILIES[family]["processor"](image_processor=ip, tokenizer=tok)
     elif family == "instructblip":
         config = transformers.InstructBlipConfig(
             vision_config=dict(**vision, image_size=image, patch_size=patch),
