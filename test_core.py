@@ -603,7 +603,7 @@ def test_logits_of_embed_equal_the_models_own_forward(tiny, fam):
     assert image_mask.sum(1).min() > 0
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", list(M.FAMILIES))  # every family in the table, those of test_families.py too
 def test_labels_cover_exactly_the_answer_tokens(tiny, fam):
     m, p, _ = tiny(fam)
     samples = _samples()
