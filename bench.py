@@ -5,8 +5,10 @@ architectures per rank, sharded on the meta device exactly as train.py shards th
   python bench.py                                    # CPU: a 23M-parameter LLaVA, about 2 minutes
   python bench.py --arch llava-1.5-7b --presets fft-aug ours --cpu-offload on    # a GPU, real shapes
   python bench.py --plan-only --world 4 8 --rows 20 --length 700                   # memory plan only
+  python bench.py --hook --steps 2   # experimental: today's PGD path against a hook on the first decoder layer
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -78,7 +80,8 @@ def summarize(lines, warmup, batch, names):
                 peak=max(m["peak_mem"] for m in kept), phases=phases)
 
 
-def speed(args):
+def prepare(args):
+    """The toy data's train.jsonl and a random-weight LLaVA of args.arch, built once under args.out."""
     arch = args.arch
     folder = os.path.join(args.out, arch)
     data = os.path.join(args.out, "data")
@@ -90,6 +93,12 @@ def speed(args):
         words = open(os.path.join(data, "vocab.txt"), encoding="utf-8").read().split()
         M.make_tiny("llava", folder, words, seed=0, dtype=None if arch in ("tiny", "cpu") else torch.bfloat16,
                     **ARCHS[arch])
+    return folder, os.path.join(data, "train.jsonl")
+
+
+def speed(args):
+    arch = args.arch
+    folder, data = prepare(args)
     runs = [(p, p, [], {}) for p in args.presets]  # (row, preset, train.py flags, floor's arguments)
     if "ours" in args.presets:  # the price of each extra PGD step, and of training on every twin
         runs += [(f"ours T={t}", "ours", ["--pgd-steps", str(t)], dict(pgd_steps=t)) for t in args.extra_pgd_steps]
@@ -100,7 +109,7 @@ def speed(args):
         print(f"[{time.time() - t0:4.0f}s] {name} ({i + 1}/{len(runs)}): {args.warmup} warm-up + {args.steps} "
               f"timed steps", flush=True)
         lines = run_preset(name.replace(" ", "").replace("=", ""), preset, extra + args.train_args, folder,
-                           os.path.join(data, "train.jsonl"), args.out, args.warmup + args.steps, args.batch_size)
+                           data, args.out, args.warmup + args.steps, args.batch_size)
         results[name] = summarize(lines, args.warmup, args.batch_size, names)
         results[name]["floor"] = floor(preset, **{"pgd_steps": 2, **cost})
     base = results.get("fft-aug", next(iter(results.values())))["step"]
@@ -124,6 +133,187 @@ def speed(args):
     with open(os.path.join(args.out, f"speed-{arch}.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results
+
+
+# ---- experimental (issue 17): PGD through a hook on the language model's first decoder layer --------------
+# Today train.py embeds once (M.embed: vision tower, projector, masked_scatter) and runs the PGD passes and the
+# final [clean; adversarial] pass on inputs_embeds (M.logits, with each family's lm_keys). The alternative below
+# runs the whole model in every pass and adds delta to the hidden states entering the first decoder layer,
+# which are the merged input embeddings in every family here: InstructBLIP's query outputs also go where its
+# image tokens are in input_ids (transformers 5 writes num_query_tokens of them), so delta's positions are
+# input_ids' in all three. It is measured here, not used: see `python bench.py --hook` and test_hook.py.
+
+@contextlib.contextmanager
+def perturbed(model, delta):
+    """Inside: the language model's first decoder layer receives hidden_states + delta, (B, L, D). A backward after
+    the hook is gone is still right under activation checkpointing: transformers 5 checkpoints a layer's forward,
+    not its __call__, so the recompute starts from the hooked input (test_hook.py)."""
+    def add(layer, args, kwargs):
+        if args:  # transformers calls decoder layers with hidden_states first, positionally
+            return (args[0] + delta.to(args[0].dtype), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + delta.to(kwargs["hidden_states"].dtype)}
+
+    handle = model.get_decoder().layers[0].register_forward_pre_hook(add, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def hook_logits(model, batch, delta, keep=None):
+    """The model's own forward (vision tower, its own positions) on input embeddings + delta: M.logits(model,
+    M.embed(model, batch)[0] + delta, batch, keep) without per-family code."""
+    with perturbed(model, delta):
+        return model(**M.model_inputs(batch), logits_to_keep=0 if keep is None else keep).logits
+
+
+def image_rows(batch, rows):
+    """Some rows of a collated batch, image inputs included (the hook path runs the vision tower in every pass,
+    so unlike train.py's rows_of it needs them). Qwen's pixel_values are patches of all images end to end,
+    image_grid_thw.prod(-1) of them per image (one image a row): the one family-specific line it takes."""
+    idx, n = torch.tensor(rows), len(batch["input_ids"])
+    out = {k: [v[r] for r in rows] if isinstance(v, list) else v[idx] for k, v in batch.items()
+           if isinstance(v, list) or v.shape[0] == n}
+    if "image_grid_thw" in batch:
+        patches = batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())
+        out["pixel_values"] = torch.cat([patches[r] for r in rows])
+    return out
+
+
+def cat_batches(a, b):
+    return {k: a[k] + b[k] if isinstance(a[k], list) else torch.cat([a[k], b[k]]) for k in a}
+
+
+def forward_flops(layers, hidden, intermediate, tokens, mlp_matrices):
+    """Multiply-adds x 2 of one forward of a transformer stack: projections and MLP per token, attention's
+    two (tokens x tokens x hidden) products per layer."""
+    return layers * (2 * tokens * (4 * hidden ** 2 + mlp_matrices * hidden * intermediate) + 4 * tokens ** 2 * hidden)
+
+
+def vision_share(arch, length):
+    """The vision tower's (+ projector's) FLOP share of one LLaVA forward of `length` tokens."""
+    d = {"intermediate": 2 * ARCHS[arch]["hidden"], "image": 32, "patch": 8, **ARCHS[arch]}  # make_parts' defaults
+    patches = (d["image"] // d["patch"]) ** 2
+    vision = forward_flops(d["vision_layers"], d["vision_hidden"], d.get("vision_intermediate", 2 * d["vision_hidden"]),
+                           patches + 1, 2)  # CLIP: the class token too, a 2-matrix MLP, every layer run
+    vision += 2 * patches * (d["vision_hidden"] * d["hidden"] + d["hidden"] ** 2)  # the 2-layer projector
+    llm = forward_flops(d["layers"], d["hidden"], d["intermediate"], length, 3)  # LLaMA's gated MLP
+    return vision / (vision + llm), vision, llm
+
+
+def hook_batch(data, processor, batch_size):
+    """batch_size originals at the paper's mix (1/4 image-heavy, 1/4 text-heavy, 1/2 VQA), each heavy one
+    with a twin (MD, FB), as ours' micro-batch."""
+    import random
+
+    import perturb
+    samples = perturb.load_samples(data)
+    by_task = {t: [s for s in samples if s["task"] == t] for t in ("image_heavy", "text_heavy", "vqa")}
+    q = max(batch_size // 4, 1)
+    rows = by_task["image_heavy"][:q] + by_task["text_heavy"][:q] + by_task["vqa"][:batch_size - 2 * q]
+    rng = random.Random(0)
+    rows += [perturb.perturb(s, "md", rng, pool="train") for s in by_task["image_heavy"][:q]]
+    rows += [perturb.perturb(s, "fb", rng) for s in by_task["text_heavy"][:q]]
+    return M.collate(processor, rows)
+
+
+def ours_pass(model, batch, hook, pgd_steps, laps):
+    """train.py's loss_parts for `ours` without L_cons (L_sft + L_adv, PGD), today's path or the hook's;
+    adds seconds per phase to laps and returns the loss."""
+    import losses
+    t = time.perf_counter()
+    labels, n = batch["labels"], len(batch["labels"])
+    if hook:
+        image_mask = batch["input_ids"] == model.config.image_token_id
+    else:
+        embeds, image_mask = M.embed(model, batch)
+    laps["embed"] += time.perf_counter() - t
+    keep = (labels[:, 1:] != losses.IGNORE).any(0).nonzero().flatten()
+    targets = labels[:, keep + 1]
+    mask = losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"])
+    adv = [r for r in range(n) if mask[r].any()]
+    sub = image_rows(batch, adv)
+    shape = (len(adv), labels.shape[1], model.config.get_text_config().hidden_size)
+    base = torch.zeros(shape) if hook else embeds[adv].detach()
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+    def attacked(d):
+        out = hook_logits(model, sub, d, keep) if hook else M.logits(model, base + d, sub, keep)
+        return losses.sft_loss(out, targets[adv], shift=False)
+
+    t = time.perf_counter()
+    delta = losses.pgd(attacked, base, mask[adv], 1e-3, 0.1, pgd_steps, noise=noise)
+    laps["pgd"] += time.perf_counter() - t
+    t = time.perf_counter()
+    if hook:
+        logits = hook_logits(model, cat_batches(batch, sub), torch.cat([torch.zeros(n, *shape[1:]), delta]), keep)
+    else:
+        logits = M.logits(model, torch.cat([embeds, embeds[adv] + delta]), cat_batches(batch, sub), keep)
+    loss = losses.sft_loss(logits[:n], targets, shift=False) + losses.sft_loss(logits[n:], targets[adv], shift=False)
+    laps["forward"] += time.perf_counter() - t
+    t = time.perf_counter()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    laps["backward"] += time.perf_counter() - t
+    return loss.item()
+
+
+def hook_bench(args):
+    """Today's PGD path against the hook's on one `ours` micro-batch, in this process (train.py has no hook)."""
+    folder, data = prepare(args)
+    model, processor = M.load(folder)
+    M.train_mode(M.freeze(model))
+    batch = hook_batch(data, processor, args.batch_size)
+    pgd_steps, names = 2, ("embed", "pgd", "forward", "backward")  # the paper's T
+    steps = {"today": [], "hook": []}
+    for _ in range(args.warmup + args.steps):  # alternating: a busy spell of the shared cores hits both paths
+        for name in steps:
+            steps[name].append(dict.fromkeys(names, 0.0))
+            steps[name][-1]["loss"] = ours_pass(model, batch, name == "hook", pgd_steps, steps[name][-1])
+    # each phase's least time over the timed steps: the noise of shared cores only adds
+    rows = {name: {k: min(s[k] for s in kept[args.warmup:]) for k in names} for name, kept in steps.items()}
+
+    def fastest(fn):
+        times = []
+        for _ in range(args.warmup + args.steps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    with torch.no_grad():  # the vision tower's (and projector's) share of one forward, measured at this shape
+        embeds, _ = M.embed(model, batch)
+        vision, llm = fastest(lambda: M.embed(model, batch)), fastest(lambda: M.logits(model, embeds, batch))
+    tokens = round(batch["attention_mask"].sum(1).float().mean().item())
+    print(f"\n{args.arch} LLaVA, CPU ({len(os.sched_getaffinity(0))} cores), one ours micro-batch: {args.batch_size} "
+          f"originals + {len(batch['tasks']) - args.batch_size} twins, {batch['input_ids'].shape[1]} tokens a row "
+          f"({tokens} real), T={pgd_steps}, no L_cons; each phase the fastest of {args.steps} steps (the paths "
+          f"alternating) after {args.warmup} warm-up; ms\n")
+    print("| path | embed | pgd (all steps) | forward [clean; adv] | backward | total | x today | L_sft + L_adv |")
+    print("|---" * 8 + "|")
+    for name, r in rows.items():
+        total = sum(r.values())
+        print(f"| {name} | " + " | ".join(f"{1000 * r[k]:.0f}" for k in names) + f" | {1000 * total:.0f} | "
+              f"{total / sum(rows['today'].values()):.2f} | {steps[name][-1]['loss']:.6f} |")
+    for name, kept in steps.items():
+        print(f"{name}: seconds per timed step " + " ".join(f"{sum(s[k] for k in names):.2f}"
+                                                          for s in kept[args.warmup:]))
+    print(f"\nvision tower + projector (M.embed, fastest of {args.warmup + args.steps}), measured at this shape: "
+          f"{vision / (vision + llm):.1%} of one forward ({1000 * vision:.0f} ms; the language model {1000 * llm:.0f} ms)"
+          f"; its FLOP share: {vision_share(args.arch, tokens)[0]:.1%}")
+    n_adv = sum(task != "vqa" for task in batch["tasks"])  # the rows PGD attacks
+    print(f"the hook path's extra vision passes from that measured share ({pgd_steps + 1} passes x {n_adv} rows): "
+          f"+{(pgd_steps + 1) * n_adv / len(batch['tasks']) * vision / sum(rows['today'].values()):.1%} of today's step")
+    # ours' step in LLM row passes per original at the paper's mix (floor's units): 11.5 at T=2; the hook path adds
+    # a vision forward for each of the 1 adversarial row per original (heavy originals and twins) in T + 1 passes
+    ours = floor("ours", pgd_steps) * 3 * 1.5
+    for arch in ("llava-1.5-7b", "llava-1.5-13b"):
+        for length in (600, 700, 800):
+            share, v, lm = vision_share(arch, length)
+            print(f"{arch}, {length} tokens: vision tower + projector {v / 1e9:.0f} GFLOP, LLM {lm / 1e9:.0f} GFLOP "
+                  f"per row forward: {share:.1%} of one forward; the hook path's extra vision passes "
+                  f"+{(pgd_steps + 1) * v / lm / ours:.1%} of ours' step")
+    return rows
 
 
 # ---- memory plan: the real architecture on the meta device, sharded by FSDP2 as train.py does -------------
@@ -199,11 +389,15 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "out", "bench"))
     p.add_argument("--plan", nargs="*", default=["llava-1.5-7b", "llava-1.5-13b"], help="architectures to plan")
     p.add_argument("--plan-only", action="store_true")
+    p.add_argument("--hook", action="store_true", help="only the experimental comparison of today's PGD path "
+                   "(embed once, then the language model) with the full forward under a hook (issue 17)")
     p.add_argument("--world", type=int, nargs="+", default=[1, 4, 8], help="ranks for the memory plan")
     p.add_argument("--rows", type=int, default=20, help="rows per pass for the activation estimate")
     p.add_argument("--length", type=int, default=700, help="tokens per row (LLaVA-1.5: 576 image tokens + text)")
     args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py, e.g. --cpu-offload on
     os.makedirs(args.out, exist_ok=True)
+    if args.hook:
+        return hook_bench(args)
     if not args.plan_only:
         speed(args)
         print()

@@ -131,10 +131,11 @@ def left_padded(batch):
     """A right-padded batch with its padding moved to the left of each row. generate appends after the last
     column, so a right-padded row would continue after its pads. Only the language model's sequences move:
     the Q-Former reads its own (InstructBLIP's qformer_input_ids) as an encoder, padding masked wherever it is,
-    and Qwen2.5-VL computes its M-RoPE positions from the attention mask, which moves with the tokens."""
+    and Qwen2.5-VL computes its M-RoPE positions from the attention mask, which moves with the tokens. Gemma3's
+    and PaliGemma's token_type_ids (the generic path) move with them too."""
     n = batch["attention_mask"].shape[1] - batch["attention_mask"].sum(1)  # pads per row
     out = dict(batch)
-    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
         if k in batch:
             out[k] = torch.stack([row.roll(int(p)) for row, p in zip(batch[k], n)])
     return out
@@ -342,6 +343,13 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
     if resume and overwrite:
         raise RunError("--resume continues the predictions in --out and --overwrite replaces them: pass one")
     jobs, ri_images = load_data(data, interventions, ri_folder)
+    try:  # the family from config.json alone: a model type nothing loads, or a --prompt it lacks, fails here
+        fam = loaded[1].family if loaded else M.checkpoint_family(M.where(model_name), generic=True)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    styles = ["ours"] if fam == M.GENERIC else [s for f, s in M.PROMPTS if f == fam]
+    if style not in styles:
+        raise RunError(f"--prompt {style}: not written for the {fam} family; pick {' or '.join(styles)}")
     now = settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dtype, scoring, max_new_tokens,
                    repetition_penalty, style, facts_file, facts_replacement, canvas_size)
     verdict, previous = [None, set()], []
@@ -357,8 +365,11 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
     if verdict[0]:
         raise RunError(verdict[0])
     done = verdict[1]
-    model, processor = loaded or M.load(model_name, dtype=dtype, device=device)
+    model, processor = loaded or M.load(model_name, dtype=dtype, device=device, generic=True)
     model.eval()
+    if master and processor.family == M.GENERIC:
+        print(f"{model_name}: model type {processor.generic['model_type']!r} is in no row of model.FAMILIES: evaluated "
+              "through the generic path (the prompt from its processor's chat template)", file=sys.stderr)
     size = canvas_size or M.image_size(processor)  # of the canvases and random pixels
 
     def apply(s, name, size=size):

@@ -28,6 +28,8 @@ ALIASES = {
     "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
     "llava-next-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "llava-next-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "internvl3-1b": "OpenGVLab/InternVL3-1B-hf",
+    "internvl3-2b": "OpenGVLab/InternVL3-2B-hf",
 }
 
 SYSTEM_QWEN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -47,6 +49,21 @@ class QwenImageProcessor(NoVideo, transformers.Qwen2_5_VLProcessor):
 
 class Qwen2ImageProcessor(NoVideo, transformers.Qwen2VLProcessor):
     """Qwen2-VL's processor without its video half."""
+
+
+class InternVLImageProcessor(transformers.InternVLProcessor):
+    """InternVL's processor without its video half (as NoVideo), saved as the hub's -hf checkpoints are: unlike
+    Qwen's it has a setting of its own, image_seq_length (image tokens per tile), which processor_config.json keeps."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length, chat_template=chat_template)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        self.tokenizer.save_pretrained(save_directory)
+        self.image_processor.save_pretrained(save_directory)
+        with open(os.path.join(save_directory, "processor_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"image_seq_length": self.image_seq_length, "processor_class": "InternVLProcessor"}, f, indent=2)
+        return save_directory
 
 
 class InstructBlipImageProcessor(transformers.InstructBlipProcessor):
@@ -137,8 +154,17 @@ FAMILIES["qwen2-vl"] = dict(FAMILIES["qwen2.5-vl"], cls=transformers.Qwen2VLForC
                             processor=Qwen2ImageProcessor)
 # LLaVA-NeXT on Mistral: the same row, another chat template (PROMPTS)
 FAMILIES["llava-next-mistral"] = FAMILIES["llava-next"]
+# InternVL (transformers' native class: the -hf checkpoints): the image as up to max_patches tiles of the encoder's
+# size plus a thumbnail (InternVLProcessor's crop_to_patches, on by default whatever preprocessor_config.json says),
+# image_seq_length tokens a tile between <img> and </img>; image_tokens counts those two as well (what replaces the
+# prompt's one <IMG_CONTEXT>), the image mask only the <IMG_CONTEXT> tokens
+FAMILIES["internvl"] = dict(
+    cls=transformers.InternVLForConditionalGeneration, processor=InternVLImageProcessor,
+    frozen=("model.vision_tower.",),  # the projector (model.multi_modal_projector) is trained
+    image_keys=("pixel_values",), lm_keys=("attention_mask",), lm=None, config_keys=LLAVA_KEYS,
+    image_size=lambda ip: ip.size["height"], image_tokens=_expanded, dynamic=True)
 MODEL_TYPES = {"llava": "llava", "qwen2_5_vl": "qwen2.5-vl", "instructblip": "instructblip", "qwen2_vl": "qwen2-vl",
-               "llava_next": "llava-next", "llava_next/mistral": "llava-next-mistral"}
+               "llava_next": "llava-next", "llava_next/mistral": "llava-next-mistral", "internvl": "internvl"}
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "qformer_input_ids", "qformer_attention_mask")
 
 
@@ -187,6 +213,12 @@ PROMPTS = {
                                  eos=True),
     ("llava-next-mistral", "ours"): dict(render=perturb.render, prompt="[INST] <image>\n{text} [/INST]", answer=" {}",
                                          eos=True),
+    # the chat_template.jinja of OpenGVLab/InternVL3-{1B,2B,14B}-hf (481 bytes, "Update processor (#2)"; the template of
+    # transformers' models/internvl/convert_internvl_weights_to_hf.py): "<|im_start|>" + role + "\n", an image as
+    # "<IMG_CONTEXT>\n", then the text, "<|im_end|>\n"; the generation prompt "<|im_start|>assistant\n"; no default
+    # system turn (unlike Qwen2.5's). The processor expands <IMG_CONTEXT> into <img>, the image's tokens and </img>.
+    ("internvl", "ours"): dict(render=perturb.render, prompt="<|im_start|>user\n<IMG_CONTEXT>\n{text}<|im_end|>\n"
+                               "<|im_start|>assistant\n", answer="{}", eos=True),
     # modules/data/LlavaDataset.py: processor.apply_chat_template([system, user(image, question)],
     # add_generation_prompt=True) + answer; the llava-1.5 template writes a system turn as its text + " " and
     # ends in "ASSISTANT:", so a row is "{system} USER: <image>\nQuestion:\n...D: tree\n ASSISTANT:A". The answer
@@ -217,11 +249,12 @@ STYLES = ("ours", "authors")
 def _row(processor, style):
     if style not in STYLES:
         raise ValueError(f"unknown prompt style {style!r}: expected one of {', '.join(STYLES)}")
-    fam = family(processor)
-    if (fam, style) not in PROMPTS:
+    fam = family(processor)  # the generic family's rows were built from this processor's chat template
+    rows = _family(processor)["prompts"] if fam == GENERIC else {s: r for (f, s), r in PROMPTS.items() if f == fam}
+    if style not in rows:
         raise ValueError(f"prompt style {style!r} is not written for the {fam} family: use "
-                         + " or ".join(repr(s) for f, s in PROMPTS if f == fam))
-    return PROMPTS[fam, style]
+                         + " or ".join(repr(s) for s in rows))
+    return rows[style]
 
 
 def prompt_text(processor, sample, train=False, style="ours"):
@@ -285,9 +318,10 @@ def identity(name_or_path):
                         for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".bin"))}}
 
 
-def checkpoint_family(path):
+def checkpoint_family(path, generic=False):
     """The family of a folder or hub id, from its config.json read as plain JSON: an unknown model type is
-    refused before any of the checkpoint's code or weights is touched (only FAMILIES' classes can load)."""
+    refused before any of the checkpoint's code or weights is touched (only transformers' own classes load).
+    generic (evaluation): a model type in no row of FAMILIES is GENERIC where AutoModelForImageTextToText knows it."""
     if os.path.isdir(path):
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
@@ -297,33 +331,44 @@ def checkpoint_family(path):
         file = huggingface_hub.hf_hub_download(path, "config.json")  # what transformers fetches first anyway
     with open(file, encoding="utf-8") as f:
         config = json.load(f)
+    # an encoder-decoder (BLIP, Florence-2, Pix2Struct) has no next-token logits after a prompt to score
+    model_type = config.get("model_type")
+    loadable = model_type in IMAGE_TEXT_TO_TEXT and not config.get("is_encoder_decoder")
+    if family_of(config) is None and generic and loadable:
+        return GENERIC
     if family_of(config) is None:
         types = [(fam, *t.split("/")) for t, fam in MODEL_TYPES.items()]  # "llava_next/mistral": on that LLM
-        raise ValueError(f"{path}: model type {config.get('model_type')!r} is not supported; the families are "
-                         + ", ".join(f"{fam} (model_type {t[0]!r}{' on ' + t[1] if t[1:] else ''})" for fam, *t in types))
+        raise ValueError(f"{path}: model type {model_type!r} is in no row of model.FAMILIES ("
+                         + ", ".join(f"{fam}: model_type {t[0]!r}{' on ' + t[1] if t[1:] else ''}" for fam, *t in types)
+                         + ("); evaluate.py diagnoses it through the generic path (its processor's chat template), but "
+                            "training needs a FAMILIES row for it (its prompt template, frozen modules and image keys)"
+                            if loadable else "), nor a decoder-only one transformers' AutoModelForImageTextToText loads"))
     return family_of(config)
 
 
-def load_processor(name_or_path):
+def load_processor(name_or_path, generic=False):
     """The processor alone, `.family` set, no weights read: enough to render and measure samples before
-    the model loads."""
+    the model loads. generic: a model type in no row of FAMILIES loads through the generic path (evaluation)."""
     path = where(name_or_path)
-    fam = checkpoint_family(path)
+    fam = checkpoint_family(path, generic)
+    if fam == GENERIC:
+        return generic_processor(path)
     processor = keep_legacy(FAMILIES[fam]["processor"].from_pretrained(path))
     processor.family = fam
     return processor
 
 
-def load(name_or_path, dtype=None, device=None, meta=False):
+def load(name_or_path, dtype=None, device=None, meta=False, generic=False):
     """(model, processor) from a hub id, an alias of ALIASES or a local folder. meta: the architecture
-    without weights, on the meta device (train.py's other ranks receive their shards from rank 0)."""
-    processor = load_processor(name_or_path)
-    path, fam = where(name_or_path), processor.family
+    without weights, on the meta device (train.py's other ranks receive their shards from rank 0).
+    generic: a model type in no row of FAMILIES loads with AutoModelForImageTextToText (evaluation only)."""
+    processor = load_processor(name_or_path, generic)
+    path, fam, cls = where(name_or_path), processor.family, _family(processor)["cls"]
     if meta:
         with torch.device("meta"):
-            model = FAMILIES[fam]["cls"]._from_config(transformers.AutoConfig.from_pretrained(path), dtype=dtype)
+            model = cls._from_config(transformers.AutoConfig.from_pretrained(path), dtype=dtype)
     else:
-        model = FAMILIES[fam]["cls"].from_pretrained(path, dtype=dtype)
+        model = cls.from_pretrained(path, dtype=dtype)
     model.family = fam
     return model.to(device) if device is not None else model, processor
 
@@ -341,7 +386,7 @@ def save(model, processor, folder, state_dict=None):
 
 def image_size(processor):
     """Side of the square the family's vision encoder sees: canvases and random pixels are drawn at it."""
-    return FAMILIES[family(processor)]["image_size"](processor.image_processor)
+    return _family(processor)["image_size"](processor.image_processor)
 
 
 def _ids(tokenizer, text):
@@ -358,7 +403,7 @@ def answer_ids(processor, text, style="ours"):
 def answers_ids(processor, texts, style="ours"):
     """answer_ids of many answers, tokenized in one call."""
     row, tok = _row(processor, style), processor.tokenizer
-    tail = row["prompt"].rsplit("{text}", 1)[1] or "\n"
+    tail = row["prompt"].rsplit("{text}", 1)[1].format() or "\n"  # format(): a generic row's braces are escaped
     context, out = _ids(tok, tail), []
     fulls = tok([tail + row["answer"].format(t) for t in texts], add_special_tokens=False)["input_ids"]
     for text, full in zip(texts, fulls):
@@ -371,7 +416,7 @@ def answers_ids(processor, texts, style="ours"):
 def n_image_tokens(processor, size):
     """The image tokens the family's processor inserts for an image of PIL size (width, height), without the
     image: Image.open(path).size reads only the header."""
-    return FAMILIES[family(processor)]["image_tokens"](processor, tuple(size))
+    return _family(processor)["image_tokens"](processor, tuple(size))
 
 
 def n_tokens(processor, sample, size, train=True, style="ours"):
@@ -392,7 +437,8 @@ def lengths(processor, samples, sizes, train=True, style="ours"):
                 per_size[tuple(size)] = n_image_tokens(processor, size)
             except ValueError as e:  # Qwen2-VL's refusal of an aspect ratio over 200, as collate says it
                 raise ValueError(f"sample {s['id']!r}: {e}") from e
-    ids = tok([prompt_text(processor, s, train, style) for s in samples])["input_ids"]
+    texts = [prompt_text(processor, s, train, style) for s in samples]
+    ids = tok(texts, **_specials(tok, texts[0] if texts else ""))["input_ids"]
     out = [len(i) - i.count(placeholder) + per_size[tuple(size)] for i, size in zip(ids, sizes)]
     if train:  # with the answer's tokens, each distinct answer tokenized once
         answers = [s["answer"] if s["options"] is None else perturb.LETTERS[s["answer"]] for s in samples]
@@ -409,17 +455,18 @@ def option_token_ids(processor, n, style="ours"):
 
 def collate(processor, samples, train=True, max_length=None, style="ours"):
     """Render samples with the family's template (PROMPTS[family, style]) into a right-padded batch the
-    transformers forward accepts, plus `labels` (-100 except the answer tokens when `train`) and `tasks`."""
-    fam = family(processor)
-    f, tok, size = FAMILIES[fam], processor.tokenizer, image_size(processor)
+    transformers forward accepts, plus `labels` (-100 except the answer tokens when `train`) and `tasks`.
+    The generic family keeps all its processor returns (it is evaluated, never trained: train=False)."""
+    f, tok, size = _family(processor), processor.tokenizer, image_size(processor)
     rows = []
     for s in samples:
         image = perturb.load_image(s, size)  # a DataError of its own, naming the sample and the file
+        text = prompt_text(processor, s, train, style)
         try:
-            enc = processor(images=image, text=prompt_text(processor, s, train, style), return_tensors="pt")
+            enc = processor(images=image, text=text, return_tensors="pt", **_specials(tok, text))
         except ValueError as e:  # the processor's own refusals (Qwen2-VL: an aspect ratio over 200) name no sample
             raise ValueError(f"sample {s['id']!r}: {e}") from e
-        enc = {k: v for k, v in enc.items() if k in SEQUENCE_KEYS or k in f["image_keys"]}
+        enc = {k: v for k, v in enc.items() if k in SEQUENCE_KEYS or f["image_keys"] is None or k in f["image_keys"]}
         n_prompt = enc["input_ids"].shape[1]
         answer = [] if not train else answer_ids(
             processor, s["answer"] if s["options"] is None else perturb.LETTERS[s["answer"]], style)
@@ -439,34 +486,136 @@ def collate(processor, samples, train=True, max_length=None, style="ours"):
         labels = torch.full_like(enc["input_ids"], -100)
         labels[0, n_prompt:] = torch.tensor(answer, dtype=labels.dtype)
         enc["labels"] = labels
+        if train:  # where PGD may act under train.py --pgd-scope sample
+            enc["sample_mask"] = sample_positions(processor, text, s, enc["input_ids"][0, :n_prompt],
+                                                  enc["input_ids"].shape[1], style)
         rows.append(enc)
     batch = {}
     for key in rows[0]:
-        if key in SEQUENCE_KEYS or key == "labels":
-            pad = {"input_ids": tok.pad_token_id, "labels": -100}.get(key, 0)
+        # per-token entries: ours, and any other the processor returns in input_ids' shape (Gemma3's token_type_ids)
+        if key in SEQUENCE_KEYS or key == "labels" or rows[0][key].shape == rows[0]["input_ids"].shape:
+            pad = {"input_ids": tok.pad_token_id or 0, "labels": -100}.get(key, 0)  # padding is masked: any id does
             if key == "qformer_input_ids":
                 pad = processor.qformer_tokenizer.pad_token_id
             width = max(r[key].shape[1] for r in rows)
             batch[key] = torch.cat([torch.nn.functional.pad(r[key], (0, width - r[key].shape[1]), value=pad)
                                     for r in rows])
-        else:  # images: stacked (LLaVA, InstructBLIP) or concatenated patches (Qwen); LLaVA-NeXT's
-            # [1, tiles, C, H, W] padded with zero tiles to the most tiles, as its processor pads a batch (the
-            # model reads each image's first tiles only, counted from image_sizes)
-            tiles = max(r[key].shape[1] for r in rows) if rows[0][key].dim() == 5 else 0
-            batch[key] = torch.cat([torch.nn.functional.pad(r[key], (0,) * 6 + (0, tiles - r[key].shape[1]))
-                                    if tiles else r[key] for r in rows])
+        else:  # images: stacked (LLaVA, InstructBLIP) or concatenated patches (Qwen), zero-padded in every dimension
+            # but the first to the batch's largest, as their processors pad a batch: LLaVA-NeXT's [1, tiles, C, H, W]
+            # to the most tiles (the model reads each image's first tiles only, counted from image_sizes), Idefics3's
+            # tiles and pixel_attention_mask likewise (the model drops all-zero tiles)
+            most = [max(r[key].shape[d] for r in rows) for d in range(rows[0][key].dim())]
+            batch[key] = torch.cat([torch.nn.functional.pad(r[key], [p for d in reversed(range(1, r[key].dim()))
+                                                                     for p in (0, most[d] - r[key].shape[d])])
+                                    for r in rows])
     batch["tasks"] = [s["task"] for s in samples]
     return batch
 
 
+def sample_positions(processor, prompt, sample, ids, width, style="ours"):
+    """(1, width) bool: the positions of `ids` (the processor's tokens of `prompt`, image tokens expanded) that
+    hold the sample's own rendered text (question, options, instruction), which the prompt ends with but for the
+    template's tail. Read from the tokenizer's character offsets of the prompt without its images, counted from
+    the end: the image comes before the text in every template, and what follows it tokenizes the same either
+    way (checked, never assumed)."""
+    row = _row(processor, style)
+    text = row["render"](sample)
+    end = len(prompt) - len(row["prompt"].rsplit("{text}", 1)[1].format())
+    start = end - len(text)
+    if not text or prompt[start:end] != text:
+        raise ValueError(f"sample {sample['id']!r}: its text is not where the template puts it in {prompt!r}")
+    tok = processor.tokenizer
+    enc = tok(prompt, return_offsets_mapping=True, **_specials(tok, prompt))
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+    first, n = inside[0], len(enc["input_ids"])
+    if ids[len(ids) - (n - first):].tolist() != enc["input_ids"][first:]:
+        raise ValueError(f"the tokens of {text[:60]!r}... differ with and without the image: cannot place them")
+    mask = torch.zeros(1, width, dtype=torch.bool)
+    mask[0, len(ids) - (n - first):len(ids) - (n - inside[-1] - 1)] = True
+    return mask
+
+
+# ---- the generic path: diagnosis of a model type in no row of FAMILIES -------------------------------------
+# Any checkpoint AutoModelForImageTextToText loads (transformers' own classes, no remote code) whose processor has
+# a chat template. Its row is built per processor at load time, in the shape of a FAMILIES row plus its PROMPTS:
+# the prompt is the template's own rendering of one user turn (the image, then the question) with the generation
+# prompt, so prompt_text, answers_ids, option_token_ids and collate read it as they read the table's. It is
+# evaluated only: training (embed, logits, freeze, PGD's masks) needs a FAMILIES row.
+
+GENERIC = "generic"
+IMAGE_TEXT_TO_TEXT = transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+MARK = "@@question@@"  # stands for the question while the template renders
+
+
+def _family(processor):
+    """The row of processor's family: FAMILIES', or the generic one generic_processor built for it."""
+    return processor.generic if family(processor) == GENERIC else FAMILIES[family(processor)]
+
+
+def _specials(tokenizer, text):
+    """Tokenizer arguments for a prompt: no BOS added where the prompt writes it already (a chat template's
+    own, as Idefics3's "<|begin_of_text|>"). The rule of transformers' processor.apply_chat_template."""
+    return {"add_special_tokens": False} if tokenizer.bos_token and text.startswith(tokenizer.bos_token) else {}
+
+
+def generic_processor(path):
+    """AutoProcessor of a model type in no row of FAMILIES, `.family` GENERIC and `.generic` its row. The answer is
+    written as the template writes an assistant turn's text after the generation prompt (Idefics3: " B" after
+    "Assistant:"). Canvases are drawn at the vision encoder's image_size, else the image processor's (crop) height,
+    else 336 (the authors' canvas)."""
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    for part in ("image_processor", "chat_template"):
+        if not getattr(processor, part, None):
+            raise ValueError(f"{path}: its processor has no {part.replace('_', ' ')}, which evaluating a model type in "
+                             "no row of model.FAMILIES needs (the generic path): add one, or a FAMILIES row")
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": MARK}]}]
+    prompt = processor.apply_chat_template(user, add_generation_prompt=True)
+    if prompt.count(MARK) != 1:
+        raise ValueError(f"{path}: its chat template writes the user's text {prompt.count(MARK)} times, not once")
+    reply = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": MARK}]}])
+    rest = reply[len(prompt):] if reply.startswith(prompt) else ""
+    before = rest[:rest.index(MARK)] if MARK in rest else ""  # else the letter right after the generation prompt
+
+    def escape(t):  # the rendering as a format string in the table's form, "{text}" where the question goes
+        return t.replace("{", "{{").replace("}", "}}")
+    config, ip = transformers.AutoConfig.from_pretrained(path), processor.image_processor
+    sides = [getattr(getattr(config, "vision_config", None), "image_size", None)] + [
+        getattr(ip, k).get("height") for k in ("crop_size", "size") if getattr(ip, k, None) is not None]
+    side = next((s for s in sides if s), 336)
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    processor.family = GENERIC
+    processor.generic = dict(
+        cls=transformers.AutoModelForImageTextToText, image_keys=None, image_size=lambda ip: side,
+        image_tokens=_counted, dynamic=True, model_type=config.model_type, counted={},
+        prompts={"ours": dict(render=perturb.render, prompt="{text}".join(escape(p) for p in prompt.split(MARK)),
+                              answer=escape(before) + "{}", eos=False)})
+    return processor
+
+
+def _counted(processor, size):
+    """n_image_tokens of the generic family: the tokens an image of that size adds to a prompt, plus the placeholder
+    they replace (as the table's image_tokens count), from the processor run once per size on a blank image: only
+    the processor knows (Idefics3 cuts an image into a number of tiles that depends on its size)."""
+    if size not in processor.generic["counted"]:
+        from PIL import Image
+        tok, text = processor.tokenizer, _row(processor, "ours")["prompt"].format(text="")
+        plain = tok(text, **_specials(tok, text))["input_ids"]
+        ids = processor(images=Image.new("RGB", size), text=text, **_specials(tok, text))["input_ids"][0]
+        placeholder = tok.convert_tokens_to_ids(str(processor.image_token))
+        processor.generic["counted"][size] = len(ids) - len(plain) + plain.count(placeholder)
+    return processor.generic["counted"][size]
+
+
 def model_inputs(batch):
     """The batch without our own entries: what `model(**...)` accepts."""
-    return {k: v for k, v in batch.items() if k not in ("tasks", "labels")}
+    return {k: v for k, v in batch.items() if k not in ("tasks", "labels", "sample_mask")}
 
 
 def embed(model, batch):
     """Input embeddings with the image features in place: (B, L, D), and the (B, L) image-token mask.
-    Only module calls, so the result is the same under FSDP2 when called inside the root forward."""
+    Only module calls, so the result is the same under FSDP2 when called inside the root forward.
+    PGD perturbs these, and logits() runs the language model on them, so the vision tower runs once a step;
+    adding delta by a hook on the first decoder layer would rerun it in every pass (README, Performance)."""
     f = FAMILIES[family(model)]
     ids = batch["input_ids"]
     embeds = model.get_input_embeddings()(ids)
@@ -515,10 +664,15 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>",
 BASE_WORDS = ("USER ASSISTANT system user assistant You are a helpful . , : ; ? ! ' \" ( ) - "
               "Answer with the option ' s letter from given choices directly What is shown in image this "
               "picture photo of main object which color shape How many").split()
+# the named special tokens of the InternVL -hf tokenizers (their tokenizer_config.json), which InternVLProcessor reads
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                   "video_token": "<video>"}
 
 
-def make_tokenizer(words=(), image_token="<image>"):
-    """A word-level tokenizer with the special tokens of all three templates, BOS prepended."""
+def make_tokenizer(words=(), image_token="<image>", named=None):
+    """A word-level tokenizer with the special tokens of all three templates, BOS prepended. `named`: more named
+    special tokens ({"context_image_token": "<IMG_CONTEXT>", ...}: InternVL's), added after every word, so the
+    other families' ids stay as they are."""
     vocab = {}
     for w in SPECIALS + list(perturb.LETTERS) + [str(d) for d in range(10)] + BASE_WORDS + list(words):
         vocab.setdefault(w, len(vocab))
@@ -527,7 +681,7 @@ def make_tokenizer(words=(), image_token="<image>"):
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"image_token": image_token} if image_token else {})
+        extra_special_tokens=({"image_token": image_token} if image_token else {}) | (named or {}))
     tok.add_special_tokens({"additional_special_tokens": SPECIALS[4:]})
     return tok
 
@@ -557,8 +711,9 @@ def make_parts(family, words=(), hidden=32, layers=2, heads=2, vision_hidden=32,
     word-level tokenizer uses its first ids). Defaults: MLPs 2x wide, as many KV heads as heads."""
     words = list(words) + ["INST"] * (family == "llava-next-mistral")  # its template's "[INST]"
     # InstructBlipProcessor wants a tokenizer without an `image_token` attribute (it adds its own)
-    tok = make_tokenizer(words, {"qwen2.5-vl": "<|image_pad|>", "qwen2-vl": "<|image_pad|>",
-                                 "instructblip": None}.get(family, "<image>"))
+    tok = make_tokenizer(words, {"qwen2.5-vl": "<|image_pad|>", "qwen2-vl": "<|image_pad|>", "instructblip": None,
+                                 "internvl": None}.get(family, "<image>"),
+                         INTERNVL_TOKENS if family == "internvl" else None)
     V, ids = max(len(tok), vocab or 0), tok.convert_tokens_to_ids
     text = dict(vocab_size=V, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
@@ -608,6 +763,19 @@ def make_parts(family, words=(), hidden=32, layers=2, heads=2, vision_hidden=32,
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
         processor = FAMILIES[family]["processor"](image_processor=ip, tokenizer=tok)
+    elif family == "internvl":  # Qwen2 LLM; its pixel shuffle halves the encoder's patch grid each way
+        tok.eos_token = "<|im_end|>"
+        text.update(model_type="qwen2", eos_token_id=ids("<|im_end|>"))
+        config = transformers.InternVLConfig(
+            vision_config=dict(**vision, image_size=image, patch_size=patch), text_config=text,
+            image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=(image // patch // 2) ** 2, tie_word_embeddings=False)
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+        # the hub's preprocessor_config.json at the tiny size: ImageNet mean/std, crop_to_patches false (which
+        # InternVLProcessor's own default overrides: it tiles), 1 to 12 tiles
+        ip = GotOcr2ImageProcessorPil(size={"height": image, "width": image}, image_mean=[0.485, 0.456, 0.406],
+                                      image_std=[0.229, 0.224, 0.225], crop_to_patches=False, min_patches=1,
+                                      max_patches=12)
+        processor = InternVLImageProcessor(ip, tok, image_seq_length=config.image_seq_length)
     elif family == "instructblip":
         config = transformers.InstructBlipConfig(
             vision_config=dict(**vision, image_size=image, patch_size=patch),

@@ -1,4 +1,4 @@
-"""Tests of the families beyond the first three (Qwen2-VL, LLaVA-NeXT on Vicuna and on Mistral): tiny random-init
+"""Tests of the families beyond the first three (Qwen2-VL, LLaVA-NeXT on Vicuna and on Mistral, InternVL): tiny random-init
 checkpoints of the real transformers classes, saved and loaded back by model.load(folder) as a hub download is.
 Run all tests: python -m pytest -q test_*.py
 """
@@ -15,8 +15,8 @@ import perturb
 from test_core import _write_dataset
 from test_train import _metrics, _train, toy  # noqa: F401 (toy: the toy data, a pytest fixture)
 
-FAMILIES = ["qwen2-vl", "llava-next", "llava-next-mistral"]
-TRAINED = ["qwen2-vl", "llava-next"]  # llava-next-mistral is llava-next's row with another LLM and template
+FAMILIES = ["qwen2-vl", "llava-next", "llava-next-mistral", "internvl"]
+TRAINED = ["qwen2-vl", "llava-next", "internvl"]  # llava-next-mistral is llava-next's row with another LLM and template
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,8 @@ def test_a_tiny_checkpoint_loads_as_its_family_from_config_json(tiny, fam):
     assert m.family == p.family == fam and type(m) is M.FAMILIES[fam]["cls"]
     config = json.load(open(os.path.join(folder, "config.json")))
     assert M.checkpoint_family(folder) == fam and config["text_config"]["model_type"] == (
-        "mistral" if fam.endswith("mistral") else "llama" if fam.startswith("llava") else "qwen2_vl_text")
+        "mistral" if fam.endswith("mistral") else "llama" if fam.startswith("llava") else
+        "qwen2" if fam == "internvl" else "qwen2_vl_text")
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -74,8 +75,18 @@ def test_logits_of_embed_equal_the_models_own_forward_and_each_sample_alone(tiny
     assert image_mask.tolist() == (ids == m.config.image_token_id).tolist()
     size = M.image_size(p)
     sizes = [s["image"].size if s["image"] else (size, size) for s in samples]
-    assert image_mask.sum(1).tolist() == [M.n_image_tokens(p, wh) for wh in sizes]
+    markers = 2 * (fam == "internvl")  # InternVL's processor inserts <img> and </img> around an image's tokens
+    assert image_mask.sum(1).tolist() == [M.n_image_tokens(p, wh) - markers for wh in sizes]
     assert len(set(image_mask.sum(1).tolist())) == 3  # the image tokens follow the image's size
+    if fam == "internvl":  # tiles of the encoder's size (and a thumbnail), image_seq_length tokens each
+        tiles = [p.image_processor(Image.new("RGB", wh), crop_to_patches=True, return_tensors="pt")["pixel_values"]
+                 .shape[0] for wh in sizes]
+        assert tiles[0] > tiles[1] > tiles[2] == 1 and batch["pixel_values"].shape[0] == sum(tiles)
+        assert image_mask.sum(1).tolist() == [p.image_seq_length * t for t in tiles]
+        start, end = (p.tokenizer.convert_tokens_to_ids(t) for t in ("<img>", "</img>"))
+        first = image_mask.int().argmax(1)
+        assert ids[range(3), first - 1].tolist() == [start] * 3
+        assert ids[range(3), first + image_mask.sum(1)].tolist() == [end] * 3
     if fam.startswith("llava-next"):  # [images, most tiles, C, H, W]: the images have 3, 4 and 3 tiles
         tiles = [p.image_processor(Image.new("RGB", wh), return_tensors="pt")["pixel_values"].shape[1] for wh in sizes]
         assert tiles == [3, 4, 3] and batch["pixel_values"].shape[:2] == (3, 4)
@@ -90,12 +101,55 @@ def test_each_family_renders_its_chat_templates_text(tiny):
     expected = {"qwen2-vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                             f"<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n",
                 "llava-next": f"USER: <image>\n{text} ASSISTANT:",
-                "llava-next-mistral": f"[INST] <image>\n{text} [/INST]"}
+                "llava-next-mistral": f"[INST] <image>\n{text} [/INST]",
+                # OpenGVLab/InternVL3-1B-hf's chat_template.jinja: no system turn, "<IMG_CONTEXT>\n" for the image
+                "internvl": f"<|im_start|>user\n<IMG_CONTEXT>\n{text}<|im_end|>\n<|im_start|>assistant\n"}
     for fam in FAMILIES:
         p = tiny(fam)[1]
         assert M.prompt_text(p, s) == expected[fam]
         with pytest.raises(ValueError, match=f"not written for the {fam} family: use 'ours'"):
             M.prompt_text(p, s, style="authors")  # the authors trained and released none of these
+
+
+# OpenGVLab/InternVL3-{1B,2B,14B}-hf chat_template.jinja (481 bytes, "Update processor (#2)"), as transformers'
+# models/internvl/convert_internvl_weights_to_hf.py writes it
+INTERNVL_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] "
+                     "is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if "
+                     "content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ "
+                     "'<video>\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+                     "{% endif %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'"
+                     " }}{% endif %}")
+
+
+def test_internvl_prompt_is_what_its_hub_chat_template_renders(tiny):
+    p = tiny("internvl")[1]
+    assert len(INTERNVL_TEMPLATE.encode()) == 481
+    for s in _samples()[:2]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": perturb.render(s)}]}]
+        assert M.prompt_text(p, s) == p.tokenizer.apply_chat_template(
+            messages, chat_template=INTERNVL_TEMPLATE, tokenize=False, add_generation_prompt=True)
+
+
+def test_internvl_on_the_real_tokenizer_gives_the_hub_ids():
+    """InternVL3's tokenizer is Qwen2.5-VL's with named <img>, </img>, <IMG_CONTEXT> (and <video>) and <quad> ... </box>
+    added (convert_internvl_weights_to_hf.py's write_tokenizer): <IMG_CONTEXT> is the -hf config's image_token_id."""
+    from hub import qwen
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    folder = qwen.tokenizer().name_or_path  # built once into hub/.cache (its vocabulary from a pinned registry package)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, extra_special_tokens=M.INTERNVL_TOKENS)
+    tok.add_tokens(["<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"], special_tokens=True)
+    assert tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"]) == [151665, 151666, 151667]
+    p = M.InternVLImageProcessor(GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}), tok)
+    p.family = "internvl"
+    s = dict(_samples()[0], image=Image.new("RGB", (448, 448)))
+    batch = M.collate(p, [s])
+    ids = batch["input_ids"][0].tolist()
+    # <|im_start|> user \n <img> <IMG_CONTEXT> x 256 </img> \n ... <|im_end|> \n <|im_start|> assistant \n C <|im_end|>
+    assert ids[:4] == [151644, 872, 198, 151665] and ids.count(151667) == 256 and ids[260:262] == [151666, 198]
+    assert ids[-7:] == [151645, 198, 151644, 77091, 198, 34, 151645]  # the answer C (34), then <|im_end|>
+    assert (batch["labels"][0] != -100).nonzero().flatten().tolist() == [len(ids) - 2, len(ids) - 1]
+    assert M.option_token_ids(p, 4) == [32, 33, 34, 35]  # "A" to "D"
+    assert M.n_image_tokens(p, (448, 448)) == 258 and M.n_image_tokens(p, (900, 448)) == 3 * 256 + 2
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
