@@ -80,13 +80,22 @@ def gaussian_noise(embeds, mask, sigma=0.05, generator=None, noise=None):
     return noise * sigma * mask[..., None].to(embeds.dtype)
 
 
-def modality_mask(tasks, image_mask, labels, attention_mask=None):
+def modality_mask(tasks, image_mask, labels, attention_mask=None, sample=None):
     """Which positions belong to the task-irrelevant modality, (B, L) bool.
     image_heavy: the text (never answer positions, which carry the supervision, nor padding);
-    text_heavy: the image tokens; vqa: nothing, since both modalities matter."""
+    text_heavy: the image tokens; vqa: nothing, since both modalities matter.
+    sample (B, L) bool, optional: the positions of each sample's own rendered text (question, options,
+    instruction: model.collate's `sample_mask`). Given, an image-heavy row's text is narrowed to them, so
+    the chat template's scaffolding (BOS, "USER:", Qwen's system prompt) stays clean: the paper perturbs
+    X_T, the sample's text, which is also all the heuristic interventions change; and with the image and
+    the template before the text, the positions before the first perturbed one are the clean pass's.
+    Left out, every non-answer text position counts, the template's included: the authors' choice
+    (train.py --pgd-scope template)."""
     text = ~image_mask & (labels == IGNORE)
     if attention_mask is not None:
         text &= attention_mask.bool()
+    if sample is not None:
+        text &= sample.bool()
     rows = []
     for task, t, i in zip(tasks, text, image_mask):
         if task == "image_heavy":

@@ -114,6 +114,11 @@ def test_modality_mask_follows_the_task():
     assert not mask[2].any()
     with pytest.raises(ValueError, match="unknown task"):
         losses.modality_mask(["audio"], image[:1], labels[:1])
+    # --pgd-scope sample: the image-heavy row's text narrowed to the sample's own positions; images untouched
+    sample = torch.tensor([[0, 0, 0, 1, 1, 1]] * 3, dtype=torch.bool)
+    narrow = losses.modality_mask(tasks, image, labels, attn, sample)
+    assert narrow[0].tolist() == [False, False, False, True, False, False]  # not position 0 (the template's)
+    assert narrow[1].tolist() == image[1].tolist() and not narrow[2].any()
 
 
 def test_pgd_step_is_equation_7_and_respects_eps_and_mask():

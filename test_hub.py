@@ -334,6 +334,29 @@ def test_authors_prompt_is_their_string_and_trains_the_bare_answer(real, fam):
         assert p.tokenizer(eval_row + " ", add_special_tokens=False)["input_ids"][-2:] == [29958, 29871]
 
 
+@pytest.mark.parametrize("style", ["ours", "authors"])
+@pytest.mark.parametrize("fam", ["llava", "instructblip", "qwen2.5-vl"])
+def test_sample_mask_holds_the_samples_own_text_and_nothing_else(real, fam, style):
+    """train.py --pgd-scope sample perturbs these positions: on the real tokenizers they decode to the rendered
+    question, options and instruction (a UF twin's facts too), in one run, before the template's tail, in a
+    padded batch; never the template's head (BOS, USER:, system prompt), an image token or an answer token."""
+    _, p, _ = real(fam)
+    facts = "Honey never spoils. The Eiffel Tower grows in summer. "
+    samples = [_sample(), _sample(question=facts + "Which of these, seen from far away, is it?", answer=3)]
+    batch = M.collate(p, samples, style=style)
+    row = M.PROMPTS[fam, style]
+    tail = row["prompt"].rsplit("{text}", 1)[1]
+    for r, s in enumerate(samples):
+        mask, ids = batch["sample_mask"][r], batch["input_ids"][r]
+        where = mask.nonzero().flatten().tolist()
+        assert where == list(range(where[0], where[-1] + 1))
+        assert p.tokenizer.decode(ids[mask]) == row["render"](s)
+        n_prompt = int((batch["labels"][r] == -100).logical_and(batch["attention_mask"][r].bool()).sum())
+        assert p.tokenizer.decode(ids[where[-1] + 1:n_prompt]).strip() == tail.strip()
+        assert not (mask & (ids == p.tokenizer.convert_tokens_to_ids(str(p.image_token)))).any()
+        assert where[0] > 0 and not mask[n_prompt:].any()
+
+
 @pytest.mark.parametrize("fam", ["llava", "instructblip", "qwen2.5-vl"])
 def test_authors_letters_are_the_tokens_collate_trains(real, fam):
     _, p, _ = real(fam)

@@ -224,7 +224,42 @@ def test_a_resume_with_other_settings_is_refused_naming_the_difference(toy, tmp_
                                (["--data", reordered], "--data sha256 [")]:
             with pytest.raises(SystemExit, match=re.escape(message)):
                 _train(argv + extra + ["--resume"], monkeypatch)
+        # a checkpoint from before --pgd-scope existed perturbed the whole text: resumable as template only
+        state = sorted(tmp_path.glob("run/ckpt-*/state.json"))[-1]
+        saved = state.read_text()
+        old = json.loads(saved)
+        del old["args"]["pgd_scope"]
+        state.write_text(json.dumps(old))
+        with pytest.raises(SystemExit, match=re.escape("--pgd-scope template then, sample now")):
+            _train(argv + ["--resume"], monkeypatch)
+        state.write_text(saved)
     _train(argv + ["--resume", "--save-every", "5", "--keep-checkpoints", "3", "--max-bad-steps", "1"], monkeypatch)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_pgd_scope_sample_leaves_the_template_clean_and_template_perturbs_it(toy, tmp_path, monkeypatch, fam):
+    """What the step perturbs, read from the run itself: image-heavy rows only at their sample's text under the
+    default --pgd-scope sample (never the template's head: BOS, USER:, the system prompt), every non-answer text
+    position under template (the authors'); text-heavy rows at their image tokens either way."""
+    data, models = toy
+    masks = {}
+    for scope in ("sample", "template"):
+        g = _train(["--model", models[fam], "--data", data, "--out", str(tmp_path / scope), "--max-steps", "1",
+                    "--no-export", "--pgd-scope", scope], monkeypatch)
+        batch = g["micro_batches"](0)[0]
+        image = batch["input_ids"] == g["hf_model"].config.image_token_id
+        masks[scope] = (g["perturbable"](batch, image), batch, image)
+    (sample, batch, image), template = masks["sample"], masks["template"][0]
+    prompt = batch["attention_mask"].bool() & (batch["labels"] == -100)
+    for r, task in enumerate(batch["tasks"]):
+        if task == "image_heavy":
+            assert sample[r].tolist() == batch["sample_mask"][r].tolist()
+            assert template[r].tolist() == (prompt[r] & ~image[r]).tolist()
+            head = int((~image[r]).nonzero()[0])  # BOS (InstructBLIP: after its query tokens)
+            assert template[r, head] and not sample[r, head] and sample[r].sum() < template[r].sum()
+        else:
+            assert sample[r].tolist() == template[r].tolist() == (image[r] if task == "text_heavy" else
+                                                                  torch.zeros_like(image[r])).tolist()
 
 
 def test_a_run_that_would_train_nothing_or_start_over_is_refused(toy, tmp_path, monkeypatch):
@@ -536,7 +571,7 @@ def test_paper_defaults_are_what_help_prints_and_the_run_records_and_explicit_fl
     for model, row in AUTHORS.items():
         printed[model] = _parse_flags(re.search(rf"^  {re.escape(model)}: (--.*)$", shown, re.M).group(1))
         assert printed[model] == dict(model=model, **row, twins="all", facts_replacement=True, canvas_size=336,
-                                      prompt="authors")
+                                      prompt="authors", pgd_scope="template")
     out = tmp_path / "run"
     _train(["--paper-defaults", "qwen2.5-vl-7b", "--model", models["llava"], "--data", data, "--out", str(out),
             "--max-steps", "1", "--save-every", "1", "--no-export", "--lr", "1e-3"], monkeypatch)

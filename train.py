@@ -67,7 +67,8 @@ PAPER = {
 }
 # and their data protocol: every twin every step (LlavaDataset.py), UF's facts drawn with replacement
 # (modules/prompt/text_interfere.py), canvases and random pixels at 336 px for every family (modules/utils/aug_utils.py)
-PAPER = {m: dict(model=m, **row, twins="all", facts_replacement=True, canvas_size=336, prompt="authors")
+PAPER = {m: dict(model=m, **row, twins="all", facts_replacement=True, canvas_size=336, prompt="authors",
+                pgd_scope="template")
          for m, row in PAPER.items()}
 
 
@@ -131,6 +132,9 @@ p.add_argument("--eps", type=float, default=None, help="PGD L-inf radius (defaul
 p.add_argument("--alpha", type=float, default=0.1, help="PGD step size (eq. 7)")
 p.add_argument("--pgd-steps", type=int, default=2)
 p.add_argument("--pgd-sign", action="store_true", help="sign-gradient steps instead of eq. 7's raw gradient")
+p.add_argument("--pgd-scope", choices=["sample", "template"], default="sample",
+               help="what PGD may touch in an image-heavy row: the sample's own text (question, options, "
+               "instruction), or every non-answer text position, the chat template's too (the authors')")
 p.add_argument("--sigma", type=float, default=0.05, help="std of the RG noise")
 # optimisation
 p.add_argument("--lr", type=float, default=2e-5)
@@ -209,9 +213,9 @@ if earlier and not args.resume and not args.overwrite:
 if args.resume and not checkpoints():  # a mistyped --out would otherwise start from scratch without a word
     sys.exit(f"error: --resume: {args.out} holds no checkpoint (ckpt-NNNNNNNN): check --out, or drop --resume")
 replacing = args.overwrite and not args.resume
-try:
-    M.where(args.model)  # a mistyped local path fails now, not after the data are decoded
-except (FileNotFoundError, NotADirectoryError) as e:
+try:  # a mistyped local path, or a model type in no row of model.FAMILIES, fails now, not after the data
+    M.checkpoint_family(M.where(args.model))
+except (FileNotFoundError, NotADirectoryError, ValueError) as e:
     sys.exit(f"error: --model {e}")
 
 # ---- distributed setup: torchrun's environment decides -----------------------------------------------------
@@ -428,6 +432,9 @@ def micro_batches(step):
 FREE = {"save_every", "keep_checkpoints", "profile", "resume", "overwrite", "max_bad_steps", "export", "out",
         "activation_checkpointing", "cpu_offload", "data", "model", "facts_file"}
 
+# Flags added since, with the value that gives what a checkpoint written before them computed
+EARLIER = {"pgd_scope": "template"}
+
 
 def shown(v):
     if isinstance(v, list):
@@ -462,7 +469,7 @@ def resume_point():
         if state["world"] != world:
             return None, (f"error: {folder} was written by {state['world']} processes: resume with as many "
                           f"(now {world}), since each holds its own shards")
-        then = {k: v for k, v in state["args"].items() if k not in FREE} | state.get("inputs", {})
+        then = EARLIER | {k: v for k, v in state["args"].items() if k not in FREE} | state.get("inputs", {})
         now = {k: v for k, v in vars(args).items() if k not in FREE} | inputs
         changed = [f"{k if k.startswith('-') else '--' + k.replace('_', '-')} {shown(then[k])} then, "
                    f"{shown(now[k])} now" for k in then if k in now and then[k] != now[k]]
@@ -707,12 +714,18 @@ def consistency_pairs(batch, adv):
     return [(o, q) for o, ts in twins.items() for q in (*ts, where.get(o), *map(where.get, ts)) if q is not None]
 
 
+def perturbable(batch, image_mask):
+    """losses.modality_mask of the batch under --pgd-scope."""
+    return losses.modality_mask(batch["tasks"], image_mask, batch["labels"], batch["attention_mask"],
+                                batch["sample_mask"] if args.pgd_scope == "sample" else None)
+
+
 def token_counts(batch):
     """Answer tokens entering each loss term, for normalising by the global count (all ranks, micro-steps)."""
     labels = batch["labels"]
     answers = (labels[:, 1:] != losses.IGNORE).sum(1)
     image_mask = batch["input_ids"] == hf_model.config.image_token_id
-    adv = adversarial_rows(losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"]))
+    adv = adversarial_rows(perturbable(batch, image_mask))
     cons = 0
     if args.cons != "none":  # a pair compares the answer tokens both rows have (the same answer: all of them)
         source = list(range(len(labels))) + adv  # the clean row each row of the final pass is
@@ -732,7 +745,7 @@ def loss_parts(batch, step, totals):
     labels, n = batch["labels"], len(batch["labels"])
     keep = answer_positions(labels)
     targets = labels[:, keep + 1]  # aligned with the kept logits
-    mask = losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"])
+    mask = perturbable(batch, image_mask)
     adv = adversarial_rows(mask)
     attack = adv
     # every rank must run as many PGD passes, or FSDP's collectives wait forever: a rank whose micro-batch
