@@ -243,6 +243,10 @@ PROMPTS = {
     ("instructblip", "authors"): dict(render=render_authors, prompt="{system}{text} <answer>",
                                       system="{}\n", vqa_system="", answer=" {}", eos=False),
 }
+# The authors diagnosed Qwen2-VL (Table 7) through the same chat template with their evaluation system prompt
+# (modules/models/local.py: apply_chat_template([system, user(image, question)])); its template writes what
+# Qwen2.5-VL's does, so their Qwen2.5-VL row serves
+PROMPTS["qwen2-vl", "authors"] = PROMPTS["qwen2.5-vl", "authors"]
 STYLES = ("ours", "authors")
 
 
