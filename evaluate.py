@@ -115,9 +115,10 @@ def prompts(processor, samples, max_length=None, room=0, style="ours"):
 
 
 @torch.no_grad()
-def score(model, processor, samples, letter_ids, max_length=None, style="ours"):
-    """Answer distributions over the option letters, one list of probabilities per sample."""
-    batch = prompts(processor, samples, max_length, style=style)
+def score(model, processor, samples, letter_ids, max_length=None, style="ours", batch=None):
+    """Answer distributions over the option letters, one list of probabilities per sample. batch: the samples'
+    prompts(...), when made already (by a --workers process)."""
+    batch = prompts(processor, samples, max_length, style=style) if batch is None else batch
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in M.model_inputs(batch).items()}
     last = batch["attention_mask"].sum(1) - 1                 # right padding: the prompt's last token
@@ -142,11 +143,14 @@ def left_padded(batch):
 
 
 @torch.no_grad()
-def generate(model, processor, samples, max_new_tokens=10, repetition_penalty=1.0, max_length=None, style="ours"):
+def generate(model, processor, samples, max_new_tokens=10, repetition_penalty=1.0, max_length=None, style="ours",
+             batch=None):
     """Greedy answers, one string per sample: only the new tokens, decoded without special tokens. A batch
     gives the texts of one sample at a time (test_score.py), except in one corner: the repetition penalty
-    also lowers the pad token's logit in rows that were padded (a pad is never a real answer's token)."""
-    batch = left_padded(prompts(processor, samples, max_length, max_new_tokens, style))
+    also lowers the pad token's logit in rows that were padded (a pad is never a real answer's token).
+    batch: the samples' prompts(..., room=max_new_tokens), when made already (by a --workers process)."""
+    batch = prompts(processor, samples, max_length, max_new_tokens, style) if batch is None else batch
+    batch = left_padded(batch)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in M.model_inputs(batch).items()}
     out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
@@ -320,13 +324,16 @@ def accuracy_table(rows):
 def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=8, seed=0, pool="eval",
         ri_folder=None, resume=False, dtype=None, device=None, k_facts=10, loaded=None, overwrite=False,
         scoring="logits", max_new_tokens=10, repetition_penalty=1.0, style="ours", facts_file=None,
-        facts_replacement=False, canvas_size=None):
+        facts_replacement=False, canvas_size=None, workers=None):
     """Evaluate and write OUT/predictions.jsonl; returns its rows. Works alone or under torchrun.
-    Arguments, data and --out are checked before the model loads; problems raise RunError (or DataError)."""
+    Arguments, data and --out are checked before the model loads; problems raise RunError (or DataError).
+    workers: processes preparing this rank's next batches (default: 2 for a model on GPU, 0 on CPU)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     master = rank == 0
     if batch_size < 1:
         raise RunError(f"--batch-size {batch_size}: must be at least 1")
+    if workers is not None and workers < 0:
+        raise RunError(f"--workers {workers}: pass 0 (batches made in this process) or more")
     if style not in M.STYLES:
         raise RunError(f"--prompt {style}: pick one of {' '.join(M.STYLES)}")
     if scoring not in ("logits", "generate"):
@@ -382,18 +389,42 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
     todo = todo[-1:] + todo[:-1]  # the longest batch first: a sample past the context, or memory, fails at once
     letter_ids = M.option_token_ids(processor, max(len(s["options"]) for s, _ in jobs), style=style)
     max_length = context_length(model)
+
+    def prepared(mine):
+        """This rank's batch of a round: its samples under their interventions and their prompts, or the
+        RunError that stops the run (raised by the loop: a worker's would come wrapped in its traceback)."""
+        if not mine:  # this rank idles in the last round
+            return None
+        chosen = [apply(*jobs[i]) for i in mine]
+        try:
+            room = max_new_tokens if scoring == "generate" else 0
+            return chosen, prompts(processor, chosen, max_length, room, style)
+        except RunError as e:
+            return e
+
+    # the rounds' batches of this rank in order, made by --workers processes while the model scores: forked after
+    # the model loaded, as DataLoader's workers are on Linux; apply and prompts touch neither the model nor CUDA.
+    # A generator of its own: the loader would draw its workers' seed from the global RNG
+    rounds = [todo[start + rank] if start + rank < len(todo) else [] for start in range(0, len(todo), world)]
+    if workers is None:
+        workers = 2 * (next(model.parameters()).device.type == "cuda")
+    loader = torch.utils.data.DataLoader(rounds, batch_size=None, collate_fn=prepared, num_workers=workers,
+                                         multiprocessing_context="fork" if workers else None,
+                                         generator=torch.Generator())
     t0, n_done, n_total = time.time(), 0, sum(len(b) for b in todo)
-    for start in range(0, len(todo), world):
-        mine = todo[start + rank] if start + rank < len(todo) else []
+    for mine, ready in zip(rounds, loader):
         new = []
         if mine:
-            chosen = [apply(*jobs[i]) for i in mine]
+            if isinstance(ready, RunError):
+                raise ready
+            chosen, batch = ready
             if scoring == "generate":
-                texts = generate(model, processor, chosen, max_new_tokens, repetition_penalty, max_length, style)
+                texts = generate(model, processor, chosen, max_new_tokens, repetition_penalty, max_length, style,
+                                 batch)
                 found = [dict(probs=None, pred=parse_answer(t, s["options"]), text=t) for s, t in zip(chosen, texts)]
             else:
                 found = [dict(probs=probs, pred=max(range(len(probs)), key=probs.__getitem__))
-                         for probs in score(model, processor, chosen, letter_ids, max_length, style)]
+                         for probs in score(model, processor, chosen, letter_ids, max_length, style, batch)]
             for (s, name), f in zip([jobs[i] for i in mine], found):
                 new.append({"id": s["id"], "task": s["task"], "source": s["source"], "intervention": name,
                             "score": scoring, "probs": f["probs"], "pred": f["pred"], "answer": s["answer"],
@@ -461,6 +492,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace predictions of other settings in --out "
                    "(and the diagnosis.json beside them)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--workers", type=int, default=None, help="processes preparing the next batches (interventions, "
+                   "images, processor) while the model scores (default: 2 on GPU; 0 on CPU, whose cores do the "
+                   "compute); any number gives the same predictions")
     p.add_argument("--protocol", default="ours", choices=list(PROTOCOLS),
                    help="authors: --prompt authors --score generate --repetition-penalty 1.2 --canvas-size 336 "
                    "--facts-replacement (flags given explicitly win)")
@@ -482,7 +516,7 @@ def main(argv=None):
                    args.ri_folder, args.resume, dtype, device, args.k_facts, overwrite=args.overwrite,
                    scoring=args.scoring, max_new_tokens=args.max_new_tokens,
                    repetition_penalty=args.repetition_penalty, style=args.style, facts_file=args.facts_file,
-                   facts_replacement=args.facts_replacement, canvas_size=args.canvas_size)
+                   facts_replacement=args.facts_replacement, canvas_size=args.canvas_size, workers=args.workers)
     except (RunError, perturb.DataError, FileNotFoundError, NotADirectoryError) as e:  # written for people
         sys.exit(f"error: {e}")
     if rows is not None:

@@ -158,6 +158,9 @@ p.add_argument("--seed", type=int, default=2024)
 p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite losses in a row")
 p.add_argument("--profile", action="store_true",
                help="time each phase of a step (synchronising the GPU) and record peak memory in metrics.jsonl")
+p.add_argument("--workers", type=int, default=None,
+               help="processes preparing the next steps' batches (images, twins, processor) while a step trains "
+                    "(default: 2 on GPU; 0 on CPU, whose cores do the compute); any number gives the same batches")
 p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                help="keep the vision encoder (InstructBLIP: and Q-Former) fixed, as the paper; off to pretrain one")
 known = p.parse_known_args()[0]
@@ -181,6 +184,8 @@ def checkpoints():
 
 if args.batch_size < 1 or args.grad_accum < 1:  # every rank's every micro-step needs a row to collate
     sys.exit("error: --batch-size and --grad-accum must be at least 1 (1 works: tasks take turns over steps)")
+if args.workers is not None and args.workers < 0:
+    sys.exit(f"error: --workers {args.workers}: pass 0 (batches made between steps) or more")
 if args.keep_checkpoints < 1 or args.save_every < 0:
     sys.exit("error: --keep-checkpoints must be at least 1 and --save-every at least 0 (0: no checkpoints)")
 # zero steps would export the untrained model as if it were trained; only the vanilla preset means that
@@ -409,7 +414,9 @@ def twins_of(s, step):
 
 
 def micro_batches(step):
-    """This rank's micro-batches: originals, then their twins; `pairs` links each twin row to its original."""
+    """This rank's micro-batches: originals, then their twins; `pairs` links each twin row to its original.
+    Or the line that stops the run, which the loop prints: this may run in a --workers process. CPU only,
+    and nothing of the model: a forked worker must not touch CUDA."""
     mine = originals(step)
     out = []
     for m in range(args.grad_accum):
@@ -419,7 +426,7 @@ def micro_batches(step):
         try:
             batch = M.collate(processor, rows, train=True, max_length=args.max_length, style=args.prompt)
         except ValueError as e:  # the exact check, should a row be longer than measured before the model loaded
-            sys.exit(f"error: {e}")
+            return f"error: {e}"
         batch["ids"] = [s["id"] for s in part] + [row_id for _, row_id, _ in twins]  # seeds of each row's noise
         batch["pairs"] = [(i, len(part) + j) for j, (i, _, _) in enumerate(twins)]
         out.append(batch)
@@ -430,7 +437,7 @@ def micro_batches(step):
 # Flags that cannot change the losses; the rest must match the checkpoint's run, or a resume would
 # continue a different run (data and model are compared by content, in `inputs`)
 FREE = {"save_every", "keep_checkpoints", "profile", "resume", "overwrite", "max_bad_steps", "export", "out",
-        "activation_checkpointing", "cpu_offload", "data", "model", "facts_file"}
+        "activation_checkpointing", "cpu_offload", "workers", "data", "model", "facts_file"}
 
 # Flags added since, with the value that gives what a checkpoint written before them computed
 EARLIER = {"pgd_scope": "template"}
@@ -793,6 +800,14 @@ def loss_parts(batch, step, totals):
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
+# A step's batches depend on (seed, step) and the data alone, so --workers processes make the next ones, in
+# order, from the resume point on, while this step trains. Forked (spawn would run this script again in each),
+# after CUDA started, as DataLoader's workers are on Linux: micro_batches touches neither CUDA nor the model.
+# A generator of its own, or the loader would draw its workers' seed from the RNG state checkpoints restore.
+workers = args.workers if args.workers is not None else 2 * (device.type == "cuda")
+data = iter(torch.utils.data.DataLoader(range(start, max_steps), batch_size=None, collate_fn=micro_batches,
+                                        num_workers=workers, multiprocessing_context="fork" if workers else None,
+                                        generator=torch.Generator()))
 bad, t0, tokens_seen = 0, time.time(), 0  # tokens: every rank's, real (not padding)
 for step in range(start, max_steps):
     phases.clear()
@@ -802,7 +817,10 @@ for step in range(start, max_steps):
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    batches = [to_device(b) for b in micro_batches(step)]
+    batches = next(data)  # --profile's "data": the time this step waited for them, moved them and counted tokens
+    if isinstance(batches, str):
+        sys.exit(batches)
+    batches = [to_device(b) for b in batches]
     totals = all_sum(sum(token_counts(b) for b in batches).to(device))
     lap("data")
     parts = torch.zeros(4, device=device)  # sft, adv, cons, tokens
@@ -844,6 +862,7 @@ for step in range(start, max_steps):
                  f"{tokens_seen / (time.time() - t0):.0f} tok/s")
     if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == max_steps):
         save_checkpoint(step + 1)
+del data  # its workers end here, not with the process
 
 # ---- the output: a Hugging Face folder that plain transformers loads --------------------------------------
 full = get_model_state_dict(step_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
