@@ -14,23 +14,17 @@ from torch.utils.data import DataLoader
 
 import evaluate
 import model as M
+from test_train import toy  # noqa: F401 (one session-scoped toy world for both files)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """8 toy training samples (2 image-heavy, 2 text-heavy, 4 VQA: one global batch at the default ratios), the
-    toy test file and a tiny LLaVA that knows the toy words."""
-    root = tmp_path_factory.mktemp("toy")
-    subprocess.run([sys.executable, "data/toy/prepare.py", "--n-train", "4", "--n-test", "1", "--out", str(root)],
-                   check=True, cwd=HERE, capture_output=True)
-    rows = [json.loads(line) for line in open(root / "train.jsonl")]
-    keep = [r for t, n in (("image_heavy", 2), ("text_heavy", 2), ("vqa", 4)) for r in
-            [r for r in rows if r["task"] == t][:n]]
-    (root / "mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
-    words = (root / "vocab.txt").read_text().split()
-    return str(root / "mini.jsonl"), str(root / "test.jsonl"), M.make_tiny("llava", str(root / "llava"), words)
+def world(toy):
+    """test_train.py's toy world (8 training samples: one global batch at the default ratios), its test file
+    and its tiny LLaVA."""
+    data, models = toy
+    return data, os.path.join(os.path.dirname(data), "test.jsonl"), models["llava"]
 
 
 def _train(argv, monkeypatch):
@@ -79,9 +73,9 @@ def _same(a, b, where="batch"):
         assert a == b, where
 
 
-def test_train_batches_and_losses_are_the_same_for_any_number_of_workers_and_after_a_resume(toy, tmp_path,
+def test_train_batches_and_losses_are_the_same_for_any_number_of_workers_and_after_a_resume(world, tmp_path,
                                                                                            monkeypatch):
-    data, _, llava = toy
+    data, _, llava = world
     common = ["--model", llava, "--data", data, "--max-steps", "3", "--lr", "1e-3", "--eps", "0.05", "--no-export",
               "--grad-accum", "2", "--batch-size", "4"]
     g, main, n = _train(common + ["--out", str(tmp_path / "main"), "--workers", "0", "--save-every", "0"], monkeypatch)
@@ -108,9 +102,9 @@ def test_train_batches_and_losses_are_the_same_for_any_number_of_workers_and_aft
     assert torch.equal(torch.get_rng_state(), rng)  # the loader draws nothing from the RNG that resume restores
 
 
-def test_two_processes_with_workers_train_like_one(toy, tmp_path, monkeypatch):
+def test_two_processes_with_workers_train_like_one(world, tmp_path, monkeypatch):
     """Workers forked by each rank after gloo started: the same steps as one process without workers."""
-    data, _, llava = toy
+    data, _, llava = world
     common = ["--model", llava, "--data", data, "--max-steps", "2", "--lr", "1e-3", "--eps", "0.05", "--no-export",
               "--save-every", "0", "--out"]
     _train(common + [str(tmp_path / "one"), "--batch-size", "8", "--workers", "0"], monkeypatch)
@@ -126,8 +120,8 @@ def test_two_processes_with_workers_train_like_one(toy, tmp_path, monkeypatch):
         assert a[:2] == b[:2] and a[2:] == pytest.approx(b[2:], rel=1e-4, abs=1e-7), a[0]
 
 
-def test_a_row_too_long_in_a_worker_stops_the_run_in_one_line(toy, tmp_path, monkeypatch):
-    data, _, llava = toy
+def test_a_row_too_long_in_a_worker_stops_the_run_in_one_line(world, tmp_path, monkeypatch):
+    data, _, llava = world
     monkeypatch.setattr(M, "lengths", lambda processor, samples, sizes, train=True, style="ours": [1] * len(samples))
     with pytest.raises(SystemExit, match=r"^error: sample '[^']+'.*: \d+ tokens with its answer .* more than "
                                          r"max_length=30; truncating would cut the answer \(raise max_length\)$"):
@@ -136,8 +130,8 @@ def test_a_row_too_long_in_a_worker_stops_the_run_in_one_line(toy, tmp_path, mon
 
 
 @pytest.mark.parametrize("scoring", ["logits", "generate"])
-def test_evaluate_predicts_the_same_for_any_number_of_workers(toy, tmp_path, scoring):
-    _, test, llava = toy
+def test_evaluate_predicts_the_same_for_any_number_of_workers(world, tmp_path, scoring):
+    _, test, llava = world
     m, p = M.load(llava)
     runs = {n: evaluate.run(llava, [test], str(tmp_path / str(n)), batch_size=3, loaded=(m, p), workers=n,
                             scoring=scoring, max_new_tokens=2)
