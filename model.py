@@ -404,10 +404,15 @@ def answer_ids(processor, text, style="ours"):
     return answers_ids(processor, [text], style)[0]
 
 
+def _tail(row):
+    """What a prompt row writes after the sample's text (format(): a generic row's braces are escaped)."""
+    return row["prompt"].rsplit("{text}", 1)[1].format()
+
+
 def answers_ids(processor, texts, style="ours"):
     """answer_ids of many answers, tokenized in one call."""
     row, tok = _row(processor, style), processor.tokenizer
-    tail = row["prompt"].rsplit("{text}", 1)[1].format() or "\n"  # format(): a generic row's braces are escaped
+    tail = _tail(row) or "\n"
     context, out = _ids(tok, tail), []
     fulls = tok([tail + row["answer"].format(t) for t in texts], add_special_tokens=False)["input_ids"]
     for text, full in zip(texts, fulls):
@@ -524,7 +529,7 @@ def sample_positions(processor, prompt, sample, ids, width, style="ours"):
     way (checked, never assumed)."""
     row = _row(processor, style)
     text = row["render"](sample)
-    end = len(prompt) - len(row["prompt"].rsplit("{text}", 1)[1].format())
+    end = len(prompt) - len(_tail(row))
     start = end - len(text)
     if not text or prompt[start:end] != text:
         raise ValueError(f"sample {sample['id']!r}: its text is not where the template puts it in {prompt!r}")
