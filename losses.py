@@ -1,4 +1,4 @@
-"""The paper's losses as pure functions of tensors: SFT cross-entropy, KL/JS consistency (eq. 9),
+"""The paper's losses as pure functions of tensors: SFT cross-entropy, KL/JS/MSE consistency (eq. 9),
 masked PGD in the input-embedding space (eq. 7), random Gaussian noise (the RG ablation) and the
 modality mask that says which positions a perturbation may touch. No model code lives here.
 Read next to arXiv 2505.19616, section 4.
@@ -38,18 +38,24 @@ def consistency(logits_orig, logits_pert, kind="js", tau=1.0, mask=None, reducti
     """Consistency between answer distributions of an original and a perturbed input.  (N, A, V) each.
     kind="kl": eq. (9), KL(p || q) with p = softmax(l_orig / tau), q = softmax(l_pert / tau).
     kind="js": 0.5 KL(p || m) + 0.5 KL(q || m), m = (p + q) / 2; symmetric and bounded by ln 2.
+    kind="mse": 1/V sum_v (l_pert,v - l_orig,v)^2 on the raw logits; tau does not enter (it would only rescale
+    the loss, as lambda_cons does). The authors' MSE takes the final hidden states h instead (mean over D);
+    logits are W h (no bias in these LM heads), so both vanish together and differ only in weighting h's
+    directions by what the head reads out, and logits are all our pass computes at answer positions.
     The original side is a detached target (as in the authors' code): the model is pulled towards
     its clean answer under perturbation, never the clean answer towards the perturbed one.
     mask (N, A) marks valid answer tokens; the value is the mean (or "sum") over them."""
     logp = F.log_softmax(logits_orig.detach().float() / tau, -1)
     logq = F.log_softmax(logits_pert.float() / tau, -1)
-    if kind == "kl":
+    if kind == "mse":
+        per_token = (logits_pert.float() - logits_orig.detach().float()).pow(2).mean(-1)
+    elif kind == "kl":
         per_token = (logp.exp() * (logp - logq)).sum(-1)
     elif kind == "js":
         logm = torch.logsumexp(torch.stack([logp, logq]), 0) - math.log(2)
         per_token = 0.5 * (logp.exp() * (logp - logm)).sum(-1) + 0.5 * (logq.exp() * (logq - logm)).sum(-1)
     else:
-        raise ValueError(f"consistency kind must be 'kl' or 'js', got {kind!r}")
+        raise ValueError(f"consistency kind must be 'kl', 'js' or 'mse', got {kind!r}")
     if mask is not None:
         per_token = per_token[mask.bool()]
     return per_token.sum() if reduction == "sum" else per_token.sum() / max(per_token.numel(), 1)

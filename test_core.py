@@ -86,8 +86,8 @@ def test_consistency_gradient_flows_through_the_perturbed_side_only():
     b = torch.randn(2, 1, 5, requires_grad=True)
     losses.consistency(a, b, "js").backward()
     assert a.grad is None and b.grad.abs().sum() > 0
-    with pytest.raises(ValueError):
-        losses.consistency(a, b, "mse")
+    with pytest.raises(ValueError, match="'kl', 'js' or 'mse'"):
+        losses.consistency(a, b, "l1")
 
 
 def test_answer_logits_aligns_pairs_by_answer_order():
@@ -1253,3 +1253,23 @@ def test_diagnose_compares_two_runs_and_can_evaluate_first(tiny, tmp_path, capsy
     summary = json.loads((tmp_path / "eval" / "diagnosis.json").read_text())
     assert set(summary) == {"shapes", "sums", "vqa"} and summary["sums"]["fb"]["n"] == 2
 
+
+def test_mse_consistency_matches_float64_formula_and_trains_the_perturbed_side_only():
+    g = torch.Generator().manual_seed(2)
+    a = (torch.randn(3, 2, 7, generator=g) * 3).requires_grad_(True)
+    b = (torch.randn(3, 2, 7, generator=g) * 3).requires_grad_(True)
+    mask = torch.tensor([[True, True], [True, False], [False, False]])
+    per_token = [sum((float(y) - float(x)) ** 2 for x, y in zip(a[i, j].double(), b[i, j].double())) / 7
+                 for i in range(3) for j in range(2) if mask[i, j]]
+    for tau in (1.0, 2.0):  # a temperature does not enter the MSE
+        assert losses.consistency(a, b, "mse", tau, mask, "sum").item() == pytest.approx(sum(per_token), rel=1e-5)
+        got = losses.consistency(a, b, "mse", tau, mask)
+        assert got.item() == pytest.approx(sum(per_token) / 3, rel=1e-5)
+    unmasked = [sum((float(y) - float(x)) ** 2 for x, y in zip(a[i, j], b[i, j])) / 7
+                for i in range(3) for j in range(2)]
+    assert losses.consistency(a, b, "mse").item() == pytest.approx(sum(unmasked) / 6, rel=1e-5)
+    assert losses.consistency(a, a.detach().clone(), "mse").item() == 0
+    got.backward()
+    assert a.grad is None  # the original is a detached target; d/db = 2 (b - a) / V per valid token / count
+    expected = 2 * (b - a).detach().double() / 7 / 3 * mask[..., None]
+    assert torch.allclose(b.grad.double(), expected, atol=1e-6) and b.grad[~mask].abs().sum() == 0
