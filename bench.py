@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ARCHS = {
     "tiny": dict(hidden=64, layers=2, heads=4, vision_hidden=32, vision_layers=2),
     "cpu": dict(hidden=512, layers=6, heads=8, intermediate=1376, vision_hidden=256, vision_layers=4,
-                vision_heads=4, image=64, patch=8),
+                vision_heads=4, image=192, patch=8),  # LLaVA-1.5's 576 image tokens a sample (24 x 24 patches)
     "llava-1.5-7b": dict(hidden=4096, layers=32, heads=32, intermediate=11008, vocab=32064, vision_hidden=1024,
                          vision_layers=24, vision_heads=16, vision_intermediate=4096, image=336, patch=14),
     "llava-1.5-13b": dict(hidden=5120, layers=40, heads=40, intermediate=13824, vocab=32064, vision_hidden=1024,
@@ -36,15 +36,17 @@ ARCHS = {
 
 def phase_names(pgd_steps):
     """train.py --profile's phases in the order a step runs them."""
-    return ["data", "embed", "noise", *(f"pgd{t}" for t in range(1, pgd_steps + 1)), "forward", "backward",
+    return ["data", "embed", "noise", "prefix", *(f"pgd{t}" for t in range(1, pgd_steps + 1)), "forward", "backward",
             "optimizer"]
 
 
-def floor(preset, pgd_steps, ratio_image=0.25, ratio_text=0.25, twins="one"):
+def floor(preset, pgd_steps, ratio_image=0.25, ratio_text=0.25, twins="one", share=1.0):
     """Work of one LLM step relative to fft-aug's (one twin), counted in row passes: a forward is 1, a backward
     with parameter gradients 2, a backward w.r.t. the input only (PGD's, gradients w.r.t. delta) 1.
     Image- and text-heavy originals get a twin, or with twins="all" one of each of their task's training
-    interventions (train.py's TWINS: UF, MD; RI, FB, FW); they and their twins are the rows PGD/RG perturb."""
+    interventions (train.py's TWINS: UF, MD; RI, FB, FW); they and their twins are the rows PGD/RG perturb.
+    share: the part of the attacked rows' positions PGD's passes run over (train.py --shortcuts: image-heavy
+    rows from their first perturbed position on, after one forward over the rest); 1 runs them whole."""
     heavy = ratio_image + ratio_text
     base = 3 * (1 + heavy)  # fft-aug: the originals and a twin per heavy one, forward and backward
     if preset == "fft-vqa":
@@ -53,7 +55,7 @@ def floor(preset, pgd_steps, ratio_image=0.25, ratio_text=0.25, twins="one"):
     rows, adv = 1 + twin_rows, heavy + twin_rows
     work = 3 * rows
     if preset in ("rg", "pgd", "ours"):
-        work += 3 * adv + (2 * adv * pgd_steps if preset != "rg" else 0)
+        work += 3 * adv + (adv * ((1 - share) + 2 * pgd_steps * share) if preset != "rg" else 0)
     return work / base
 
 
@@ -76,8 +78,9 @@ def summarize(lines, warmup, batch, names):
     times = [b["time"] - a["time"] for a, b in zip(lines[warmup - 1:], kept)] if warmup else [kept[0]["time"]]
     step = statistics.mean(times)
     phases = {k: statistics.mean(m["phases"].get(k, 0.0) for m in kept) for k in names}
+    covered, whole = (sum(m.get("pgd_tokens", [0, 0])[i] for m in kept) for i in (0, 1))
     return dict(step=step, samples=batch / step, tokens=statistics.mean(m["tokens"] for m in kept) / step,
-                peak=max(m["peak_mem"] for m in kept), phases=phases)
+                peak=max(m["peak_mem"] for m in kept), phases=phases, share=covered / whole if whole else 1.0)
 
 
 def prepare(args):
@@ -103,6 +106,7 @@ def speed(args):
     if "ours" in args.presets:  # the price of each extra PGD step, and of training on every twin
         runs += [(f"ours T={t}", "ours", ["--pgd-steps", str(t)], dict(pgd_steps=t)) for t in args.extra_pgd_steps]
         runs += [("ours twins=all", "ours", ["--twins", "all"], dict(twins="all"))] * args.twins_all
+        runs += [("ours shortcuts=off", "ours", ["--shortcuts", "off"], {})]  # whole rows in every PGD pass
     results, t0 = {}, time.time()
     names = phase_names(max([2, *args.extra_pgd_steps]))
     for i, (name, preset, extra, cost) in enumerate(runs):
@@ -111,7 +115,7 @@ def speed(args):
         lines = run_preset(name.replace(" ", "").replace("=", ""), preset, extra + args.train_args, folder,
                            data, args.out, args.warmup + args.steps, args.batch_size)
         results[name] = summarize(lines, args.warmup, args.batch_size, names)
-        results[name]["floor"] = floor(preset, **{"pgd_steps": 2, **cost})
+        results[name]["floor"] = floor(preset, **{"pgd_steps": 2, **cost, "share": results[name]["share"]})
     base = results.get("fft-aug", next(iter(results.values())))["step"]
     used = [k for k in names if any(r["phases"][k] > 0 for r in results.values())]
     cores = len(os.sched_getaffinity(0))
@@ -119,17 +123,20 @@ def speed(args):
     memory = "peak GPU memory" if torch.cuda.is_available() else "peak RSS"
     print(f"\n{arch} LLaVA, random weights, {device}, batch {args.batch_size} originals (+ twins), "
           f"mean of {args.steps} steps after {args.warmup} warm-up; phases in ms\n")
-    lines = [f"| preset | s/step | samples/s | tokens/s | {memory} | x fft-aug | floor | " + " | ".join(used) + " |",
-             "|---" * (7 + len(used)) + "|"]
+    lines = [f"| preset | s/step | samples/s | tokens/s | {memory} | x fft-aug | floor | PGD share | "
+             + " | ".join(used) + " |", "|---" * (8 + len(used)) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['step']:.3f} | {r['samples']:.1f} | {r['tokens']:.0f} | "
-                     f"{r['peak'] / 2**30:.2f} GiB | {r['step'] / base:.2f} | {r['floor']:.2f} | "
+                     f"{r['peak'] / 2**30:.2f} GiB | {r['step'] / base:.2f} | {r['floor']:.2f} | {r['share']:.2f} | "
                      + " | ".join(f"{1000 * r['phases'][k]:.0f}" for k in used) + " |")
     table = "\n".join(lines)
     print(table)
     if "ours" in results and all(f"ours T={t}" in results for t in (1, 3)):
         extra_step = (results["ours T=3"]["step"] - results["ours T=1"]["step"]) / 2 / base
-        print(f"\neach extra PGD step: {extra_step:.2f}x fft-aug (floor {floor('ours', 3) - floor('ours', 2):.2f}x)")
+        share = results["ours"]["share"]
+        step_floor = floor("ours", 3, share=share) - floor("ours", 2, share=share)
+        print(f"\neach extra PGD step: {extra_step:.2f}x fft-aug (floor {step_floor:.2f}x; "
+              f"{floor('ours', 3) - floor('ours', 2):.2f}x over whole rows)")
     with open(os.path.join(args.out, f"speed-{arch}.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results
@@ -318,9 +325,15 @@ def hook_bench(args):
 
 # ---- memory plan: the real architecture on the meta device, sharded by FSDP2 as train.py does -------------
 
-def plan(arch, world, rows, length):
+# LoRA's targets: the language model's attention and MLP projections (a bare name list would also take CLIP's q/k/v)
+LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+
+
+def plan(arch, world, rows, length, lora=0):
     """Per-rank bytes of train.py's layout for `world` ranks: fp32 sharded parameters, gradients and
-    AdamW state (two fp32 moments) of the trained ones, the bf16 units FSDP2 gathers, and activations."""
+    AdamW state (two fp32 moments) of the trained ones, the bf16 units FSDP2 gathers, and activations.
+    lora=R: PEFT's rank-R adapters on LORA_TARGETS and the projector trained, every other weight frozen
+    and kept in bf16 (no fp32 copy, no gradient, no AdamW state)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -331,9 +344,20 @@ def plan(arch, world, rows, length):
     with torch.device("meta"):  # shapes without storage: a 13B model costs nothing to build
         model = M.FAMILIES["llava"]["cls"](config)
     M.freeze(model)
-    units = [sum(q.numel() for q in b.parameters()) for b in M.blocks(model)]
-    total = sum(q.numel() for q in model.parameters())
-    units.append(total - sum(units))  # the root: embeddings, projector, lm head, norms
+    if lora:
+        import peft
+        peft.inject_adapter_in_model(peft.LoraConfig(r=lora, target_modules=LORA_TARGETS), model)
+        for n, q in model.named_parameters():  # PEFT froze all but the adapters
+            q.requires_grad = "lora_" in n or n.startswith("model.multi_modal_projector.")
+
+    def sizes(module):  # (parameters, trained parameters)
+        ps = list(module.parameters())
+        return sum(q.numel() for q in ps), sum(q.numel() for q in ps if q.requires_grad)
+
+    units = [sizes(b) for b in M.blocks(model)]
+    total, trained_total = sizes(model)
+    units.append((total - sum(u[0] for u in units), trained_total - sum(u[1] for u in units)))  # the root
+    frozen = 2 if lora else 4  # bytes per frozen parameter
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         policy = dict(mesh=init_device_mesh("cpu", (world,)),
@@ -343,18 +367,22 @@ def plan(arch, world, rows, length):
         fully_shard(model, **policy)
         local = {n: q.to_local().numel() for n, q in model.named_parameters()}  # rank 0 holds the largest shard
         trained = sum(local[n] for n, q in model.named_parameters() if q.requires_grad)
+        params = sum(local[n] * (4 if q.requires_grad else frozen) for n, q in model.named_parameters())
     finally:
         dist.destroy_process_group()
     h, L, inter = dims["hidden"], dims["layers"], dims["intermediate"]
     # activation checkpointing: each block's bf16 input is kept, and one block's internals are recomputed
     acts = 2 * rows * length * (L * h + 10 * h + 3 * inter)
-    out = dict(params=4 * sum(local.values()), grads=4 * trained, adam=8 * trained, unit=2 * max(units),
-               activations=acts, total=total)
-    gathered = 2 * 2 * out["unit"]  # the unit computing and the one prefetched, bf16, plus their gradients
+    if lora:  # + each adapter's rank-R activation, and PEFT's dropout copy (bf16) and mask (1 byte) of its input
+        acts += 2 * rows * length * 7 * lora + 3 * rows * length * (6 * h + inter)
+    out = dict(params=params, grads=4 * trained, adam=8 * trained, unit=2 * max(u[0] for u in units),
+               activations=acts, total=total, trained=trained_total)
+    # the unit computing and the one prefetched, bf16, plus the gradients of their trained parameters
+    gathered = 2 * max(2 * n + 2 * t for n, t in units)
     out["gpu_offload"] = gathered + acts
     out["gpu"] = out["params"] + out["grads"] + out["adam"] + gathered + acts
     out["host_offload"] = out["params"] + out["grads"] + out["adam"]
-    out["load"] = 4 * total  # rank 0 reads the fp32 weights before handing out shards (train.py)
+    out["load"] = 4 * total  # rank 0 reads all in fp32 before handing out shards (under LoRA, then casts the frozen)
     return out
 
 
@@ -362,17 +390,57 @@ def plans(args):
     gib = 2**30
     lines = [f"memory plan per rank: fp32 shards + bf16 compute, vision tower frozen, activation checkpointing, "
              f"{args.rows} rows x {args.length} tokens per pass (the final pass of `ours` at batch 8)\n",
-             "| model | ranks | params | grads | AdamW | largest unit | activations | GPU, no offload | "
-             "GPU, CPU offload | host RAM, offload | rank 0 load |", "|---" * 11 + "|"]
-    for arch in args.plan:
-        for world in args.world:
-            r = plan(arch, world, args.rows, args.length)
-            lines.append(f"| {arch} ({r['total'] / 1e9:.2f}B) | {world} | " + " | ".join(
+             "| model | trained | ranks | params | grads | AdamW | largest unit | activations | GPU, no offload | "
+             "GPU, CPU offload | host RAM, offload | rank 0 load |", "|---" * 12 + "|"]
+    for arch, lora, world in ((a, k, w) for a in args.plan for k in [0, *args.plan_lora] for w in args.world):
+        r = plan(arch, world, args.rows, args.length, lora)
+        trained = f"LoRA r={lora} ({r['trained'] / 1e6:.1f}M)" if lora else f"all ({r['trained'] / 1e9:.2f}B)"
+        lines.append(f"| {arch} ({r['total'] / 1e9:.2f}B) | {trained} | {world} | " + " | ".join(
                 f"{r[k] / gib:.1f} GiB" for k in ("params", "grads", "adam", "unit", "activations", "gpu",
                                                  "gpu_offload", "host_offload", "load")) + " |")
     print("\n".join(lines))
     print("\nGPU = shards + 2 gathered units (+ their gradients) + activations (an estimate: each block's input"
-          "\nplus one block recomputed). Rank 0 also holds the full fp32 model while it hands out the shards.")
+          "\nplus one block recomputed). Rank 0 also holds the full model while it hands out the shards.\n"
+          "LoRA rows: adapters on every decoder layer's q,k,v,o,gate,up,down and the projector trained (fp32,\n"
+          "gradients, AdamW), every other weight frozen in bf16; activations add the adapters' dropout copies.")
+
+
+def eval_bench(args):
+    """Evaluation throughput of evaluate.score, --shortcuts on and off, on the random-weight LLaVA of args.arch and
+    the toy test data: (sample, intervention) rows per second per task under all its interventions, the batches
+    evaluate.py makes (args.batch_size jobs), their prompts made beforehand (the model's time only)."""
+    import evaluate
+    import perturb
+    folder, train = prepare(args)
+    model, processor = M.load(folder)
+    model.eval()
+    jobs, ri = evaluate.load_data([os.path.join(os.path.dirname(train), "test.jsonl")], list(perturb.APPLIES))
+    size = M.image_size(processor)
+
+    def apply(s, name, size=size):
+        return perturb.perturb(s, name, evaluate.rng_for(0, s, name), size=size, ri_images=ri)
+    letters = M.option_token_ids(processor, max(len(s["options"]) for s, _ in jobs))
+    lines = ["| task | interventions | rows | rows/s off | rows/s on | speed-up | max abs diff of probs |",
+             "|---|---|---|---|---|---|---|"]
+    for task in ("image_heavy", "text_heavy"):
+        mine = [j for j in jobs if j[0]["task"] == task]
+        batches = [[apply(*mine[i]) for i in b] for b in evaluate.make_batches(mine, args.batch_size, apply)]
+        batches = [(b, evaluate.prompts(processor, b)) for b in batches]
+        rate, probs = {}, {}
+        for on in (True, False, True, False):  # each twice: the first of each warms up
+            t0 = time.time()
+            probs[on] = [q for b, batch in batches for q in evaluate.score(model, processor, b, letters, batch=batch,
+                                                                           shortcuts=on)]
+            rate[on] = len(mine) / (time.time() - t0)
+        diff = max(abs(a - b) for x, y in zip(probs[True], probs[False]) for a, b in zip(x, y))
+        names = " ".join(dict.fromkeys(n for _, n in mine))
+        lines.append(f"| {task} | {names} | {len(mine)} | {rate[False]:.2f} | {rate[True]:.2f} | "
+                     f"{rate[True] / rate[False]:.2f}x | {diff:.1e} |")
+    cores = len(os.sched_getaffinity(0))
+    device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cores} cores)"
+    print(f"\nevaluate.py --score logits, {args.arch} LLaVA ({M.n_image_tokens(processor, (size, size))} image tokens "
+          f"a row), random weights, {device}, batches of {args.batch_size} jobs\n")
+    print("\n".join(lines))
 
 
 def main(argv=None):
@@ -389,13 +457,17 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "out", "bench"))
     p.add_argument("--plan", nargs="*", default=["llava-1.5-7b", "llava-1.5-13b"], help="architectures to plan")
     p.add_argument("--plan-only", action="store_true")
+    p.add_argument("--eval", action="store_true", help="only evaluate.py's throughput, --shortcuts on and off")
     p.add_argument("--hook", action="store_true", help="only the experimental comparison of today's PGD path "
                    "(embed once, then the language model) with the full forward under a hook (issue 17)")
     p.add_argument("--world", type=int, nargs="+", default=[1, 4, 8], help="ranks for the memory plan")
     p.add_argument("--rows", type=int, default=20, help="rows per pass for the activation estimate")
     p.add_argument("--length", type=int, default=700, help="tokens per row (LLaVA-1.5: 576 image tokens + text)")
+    p.add_argument("--plan-lora", type=int, nargs="*", default=[16], help="LoRA ranks to plan too (none: full only)")
     args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py, e.g. --cpu-offload on
     os.makedirs(args.out, exist_ok=True)
+    if args.eval:
+        return eval_bench(args)
     if args.hook:
         return hook_bench(args)
     if not args.plan_only:

@@ -91,11 +91,22 @@ def load_data(paths, interventions, ri_folder=None):
 
 
 def make_batches(jobs, batch_size, apply):
-    """Jobs sorted by rendered length (little padding), cut into batches. The batches depend only on the
-    data, never on the number of processes, so every process count computes the same numbers."""
+    """Jobs cut into batches by rendered length (little padding), an image-heavy sample's jobs (orig, uf, md: one
+    image, other texts) kept together where batch_size allows, so that score() shares their image and prefix. The
+    batches depend only on the data, never on the number of processes, so every process count computes the same
+    numbers."""
     # size=1: only the text matters here, so canvases and random pixels are drawn 1 px wide
-    order = sorted(range(len(jobs)), key=lambda i: (len(perturb.render(apply(*jobs[i], size=1))), i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    length = [len(perturb.render(apply(*job, size=1))) for job in jobs]
+    groups = {}
+    for i, (s, _) in enumerate(jobs):
+        groups.setdefault(("sample", s["id"]) if s["task"] == "image_heavy" else ("job", i), []).append(i)
+    batches = []
+    for group in sorted(groups.values(), key=lambda g: (max(length[i] for i in g), g[0])):
+        for part in (group[k:k + batch_size] for k in range(0, len(group), batch_size)):
+            if not batches or len(batches[-1]) + len(part) > batch_size:
+                batches.append([])
+            batches[-1] += part
+    return batches
 
 
 def context_length(model):
@@ -115,17 +126,46 @@ def prompts(processor, samples, max_length=None, room=0, style="ours"):
 
 
 @torch.no_grad()
-def score(model, processor, samples, letter_ids, max_length=None, style="ours", batch=None):
+def score(model, processor, samples, letter_ids, max_length=None, style="ours", batch=None, shortcuts=True):
     """Answer distributions over the option letters, one list of probabilities per sample. batch: the samples'
-    prompts(...), when made already (by a --workers process)."""
+    prompts(...), when made already (by a --workers process). shortcuts: share what the rows share (shared_logits,
+    for a family of model.FAMILIES): the same probabilities as one whole pass a row, within float noise."""
     batch = prompts(processor, samples, max_length, style=style) if batch is None else batch
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in M.model_inputs(batch).items()}
     last = batch["attention_mask"].sum(1) - 1                 # right padding: the prompt's last token
     keep = batch["input_ids"].shape[1] - int(last.min())      # only the lm-head rows we need
-    logits = model(**inputs, logits_to_keep=keep).logits.float().cpu()
-    rows = logits[torch.arange(len(samples)), last - (batch["input_ids"].shape[1] - keep)]
+    if shortcuts and processor.family != M.GENERIC:
+        logits = shared_logits(model, samples, inputs, int(last.min()), keep)
+    else:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    rows = logits.float().cpu()[torch.arange(len(samples)), last - (batch["input_ids"].shape[1] - keep)]
     return [torch.softmax(rows[i, letter_ids[:len(s["options"])]], -1).tolist() for i, s in enumerate(samples)]
+
+
+def shared_logits(model, samples, inputs, stop, keep):
+    """score()'s logits, each distinct image through the vision tower once (M.embed_once) and the positions where
+    an image-heavy sample's rows (orig, uf, md) have equal input embeddings and attention mask (compared: not so
+    for InstructBLIP, whose query tokens read the instruction) through the language model once a sample: the rest
+    of each row runs on top of their keys and values (M.prefix), from one position for the whole batch (the least,
+    and before every row's last token) so that the prefix and the rest are a pass each.
+    Text-heavy interventions (rp, ri, fb, fw) share the text but change the image, which comes before the text in
+    every template: their rows agree on the template's first tokens only, so their text is computed once per row
+    (it attends to another image in each), a whole pass a row; only the vision tower is shared where the pixels
+    are (orig and rp: the same random pixels; fb and fw: the same canvas for every sample)."""
+    embeds, _ = M.embed_once(model, inputs)
+    first = {}
+    rep = [first.setdefault(s["id"], r) if s["task"] == "image_heavy" else r for r, s in enumerate(samples)]
+    mask = inputs["attention_mask"]
+    same = (embeds == embeds[rep]).all(-1) & (mask == mask[rep])  # (B, L): agrees with its sample's first row
+    start = min(stop, int(same.int().cumprod(1).sum(1).min()))
+    if start == 0 or rep == list(range(len(rep))):  # nothing shared, or no one to share with
+        return M.logits(model, embeds, inputs, keep)
+    reps = sorted(set(rep))
+    past = M.prefix(model, embeds[reps], {k: inputs[k][reps] for k in M.FAMILIES[M.family(model)]["lm_keys"]}, start)
+    index = torch.tensor([reps.index(q) for q in rep], device=embeds.device)
+    past = [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
+    return M.logits(model, embeds[:, start:], inputs, keep, past)
 
 
 def left_padded(batch):
@@ -324,10 +364,11 @@ def accuracy_table(rows):
 def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=8, seed=0, pool="eval",
         ri_folder=None, resume=False, dtype=None, device=None, k_facts=10, loaded=None, overwrite=False,
         scoring="logits", max_new_tokens=10, repetition_penalty=1.0, style="ours", facts_file=None,
-        facts_replacement=False, canvas_size=None, workers=None):
+        facts_replacement=False, canvas_size=None, workers=None, shortcuts=True):
     """Evaluate and write OUT/predictions.jsonl; returns its rows. Works alone or under torchrun.
     Arguments, data and --out are checked before the model loads; problems raise RunError (or DataError).
-    workers: processes preparing this rank's next batches (default: 2 for a model on GPU, 0 on CPU)."""
+    workers: processes preparing this rank's next batches (default: 2 for a model on GPU, 0 on CPU).
+    shortcuts: score()'s (the same numbers, so no setting of run.json: a run may resume with the other)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     master = rank == 0
     if batch_size < 1:
@@ -424,7 +465,8 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
                 found = [dict(probs=None, pred=parse_answer(t, s["options"]), text=t) for s, t in zip(chosen, texts)]
             else:
                 found = [dict(probs=probs, pred=max(range(len(probs)), key=probs.__getitem__))
-                         for probs in score(model, processor, chosen, letter_ids, max_length, style, batch)]
+                         for probs in score(model, processor, chosen, letter_ids, max_length, style, batch,
+                                             shortcuts)]
             for (s, name), f in zip([jobs[i] for i in mine], found):
                 new.append({"id": s["id"], "task": s["task"], "source": s["source"], "intervention": name,
                             "score": scoring, "probs": f["probs"], "pred": f["pred"], "answer": s["answer"],
@@ -495,6 +537,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None, help="processes preparing the next batches (interventions, "
                    "images, processor) while the model scores (default: 2 on GPU; 0 on CPU, whose cores do the "
                    "compute); any number gives the same predictions")
+    p.add_argument("--shortcuts", default="on", choices=["on", "off"], help="--score logits: each image through the "
+                   "vision tower once, and an image-heavy sample's prefix through the language model once for its "
+                   "interventions (the same numbers; off: one whole pass a row)")
     p.add_argument("--protocol", default="ours", choices=list(PROTOCOLS),
                    help="authors: --prompt authors --score generate --repetition-penalty 1.2 --canvas-size 336 "
                    "--facts-replacement (flags given explicitly win)")
@@ -516,7 +561,8 @@ def main(argv=None):
                    args.ri_folder, args.resume, dtype, device, args.k_facts, overwrite=args.overwrite,
                    scoring=args.scoring, max_new_tokens=args.max_new_tokens,
                    repetition_penalty=args.repetition_penalty, style=args.style, facts_file=args.facts_file,
-                   facts_replacement=args.facts_replacement, canvas_size=args.canvas_size, workers=args.workers)
+                   facts_replacement=args.facts_replacement, canvas_size=args.canvas_size, workers=args.workers,
+                   shortcuts=args.shortcuts == "on")
     except (RunError, perturb.DataError, FileNotFoundError, NotADirectoryError) as e:  # written for people
         sys.exit(f"error: {e}")
     if rows is not None:

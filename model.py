@@ -4,6 +4,7 @@ differs between them lives in the FAMILIES table, their prompts (ours, or the au
 `python model.py llava out/tiny-llava` writes a tiny random-init checkpoint of the real transformers
 class (what the tests and the toy world use).
 """
+import contextlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import re
 import sys
 
 import huggingface_hub
+import peft
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -112,6 +114,7 @@ def _expanded(processor, size):
 
 # Everything that differs between families, but the prompt (PROMPTS below).
 # `frozen`: parameter-name prefixes kept fixed (vision encoder; InstructBLIP also its Q-Former).
+# `projector`: the module between the vision encoder and the LLM, trained in full (under --lora too).
 # `lm_keys`: batch entries the language path needs besides inputs_embeds; Qwen2.5-VL needs
 # input_ids, image_grid_thw and mm_token_type_ids so that its M-RoPE positions are recomputed
 # (with inputs_embeds alone it silently reuses stale rope_deltas from the previous call).
@@ -119,24 +122,28 @@ def _expanded(processor, size):
 # `config_keys`: config entries get_image_features needs passed (LLaVA's does not read them from the config).
 # `image_tokens(processor, (width, height))`: the image tokens the processor inserts for an image of that size,
 # from the size alone; `dynamic`: whether that number depends on the size (Qwen2.5-VL's dynamic resolution).
+# `positions(model, batch)`, where a family has it: the language model's position ids of the whole rows, which a
+# pass over a suffix must be given (Qwen's M-RoPE, from the image grid); elsewhere they continue from the cache.
 LLAVA_KEYS = ("vision_feature_layer", "vision_feature_select_strategy")
 FAMILIES = {
     "llava": dict(
         cls=transformers.LlavaForConditionalGeneration, processor=transformers.LlavaProcessor,
-        frozen=("model.vision_tower.",),
+        frozen=("model.vision_tower.",), projector="model.multi_modal_projector",
         image_keys=("pixel_values",), lm_keys=("attention_mask",), lm=None, config_keys=LLAVA_KEYS,
         image_size=lambda ip: ip.crop_size["height"], image_tokens=_expanded, dynamic=False),
     "qwen2.5-vl": dict(
         cls=transformers.Qwen2_5_VLForConditionalGeneration, processor=QwenImageProcessor,
-        frozen=("model.visual.patch_embed.", "model.visual.blocks."),  # the merger is the projector
+        frozen=("model.visual.patch_embed.", "model.visual.blocks."), projector="model.visual.merger",
         image_keys=("pixel_values", "image_grid_thw"),
         lm_keys=("attention_mask", "input_ids", "image_grid_thw", "mm_token_type_ids"), lm=None, config_keys=(),
         # dynamic resolution: a square of at most 448 px (256 tokens), within the processor's pixel budget
         image_size=lambda ip: min(448, 28 * int(math.sqrt(ip.size["longest_edge"]) // 28)),
-        image_tokens=_expanded, dynamic=True),
+        image_tokens=_expanded, dynamic=True,
+        positions=lambda model, b: model.model.get_rope_index(b["input_ids"], b["mm_token_type_ids"], b["image_grid_thw"],
+                                                              attention_mask=b["attention_mask"])[0]),
     "instructblip": dict(
         cls=transformers.InstructBlipForConditionalGeneration, processor=InstructBlipImageProcessor,
-        frozen=("vision_model.", "qformer.", "query_tokens"),
+        frozen=("vision_model.", "qformer.", "query_tokens"), projector="language_projection",
         image_keys=("pixel_values", "qformer_input_ids", "qformer_attention_mask"),
         lm_keys=("attention_mask",), lm="language_model", config_keys=(),  # its forward insists on pixel_values
         image_size=lambda ip: ip.size["height"],
@@ -145,7 +152,7 @@ FAMILIES = {
     # tokens depend on the image's size (the unpadded grid plus one newline token a row)
     "llava-next": dict(
         cls=transformers.LlavaNextForConditionalGeneration, processor=transformers.LlavaNextProcessor,
-        frozen=("model.vision_tower.",),
+        frozen=("model.vision_tower.",), projector="model.multi_modal_projector",
         image_keys=("pixel_values", "image_sizes"), lm_keys=("attention_mask",), lm=None, config_keys=LLAVA_KEYS,
         image_size=lambda ip: ip.crop_size["height"], image_tokens=_expanded, dynamic=True),
 }
@@ -160,7 +167,7 @@ FAMILIES["llava-next-mistral"] = FAMILIES["llava-next"]
 # prompt's one <IMG_CONTEXT>), the image mask only the <IMG_CONTEXT> tokens
 FAMILIES["internvl"] = dict(
     cls=transformers.InternVLForConditionalGeneration, processor=InternVLImageProcessor,
-    frozen=("model.vision_tower.",),  # the projector (model.multi_modal_projector) is trained
+    frozen=("model.vision_tower.",), projector="model.multi_modal_projector",
     image_keys=("pixel_values",), lm_keys=("attention_mask",), lm=None, config_keys=LLAVA_KEYS,
     image_size=lambda ip: ip.size["height"], image_tokens=_expanded, dynamic=True)
 MODEL_TYPES = {"llava": "llava", "qwen2_5_vl": "qwen2.5-vl", "instructblip": "instructblip", "qwen2_vl": "qwen2-vl",
@@ -309,6 +316,20 @@ def where(name_or_path):
     return name_or_path
 
 
+def adapter_base(path):
+    """The model a PEFT adapter folder (adapter_config.json: train.py --lora's output) was trained on, resolved
+    by where(); None for a model folder or a hub id."""
+    file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path")
+    try:
+        return where(base or "")
+    except (FileNotFoundError, NotADirectoryError) as e:  # a base moved since, or an adapter from elsewhere
+        raise type(e)(f"{file}: base_model_name_or_path {e}") from None
+
+
 def identity(name_or_path):
     """What tells one model from another when a run resumes: the hub id, or a local folder's path, its
     config.json's sha256 and its weight files' sizes and modification times (a model retrained into the
@@ -317,15 +338,20 @@ def identity(name_or_path):
     if not os.path.isdir(path):
         return {"model": path}
     config = os.path.join(path, "config.json")
+    base = adapter_base(path)  # an adapter folder: its base's identity too
     return {"model": os.path.abspath(path), "config_sha256": perturb.sha256(config) if os.path.isfile(config) else None,
             "weights": {f: [os.path.getsize(os.path.join(path, f)), os.stat(os.path.join(path, f)).st_mtime_ns]
-                        for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".bin"))}}
+                        for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".bin"))},
+            **({"base": identity(base)} if base else {})}
 
 
 def checkpoint_family(path, generic=False):
     """The family of a folder or hub id, from its config.json read as plain JSON: an unknown model type is
     refused before any of the checkpoint's code or weights is touched (only transformers' own classes load).
-    generic (evaluation): a model type in no row of FAMILIES is GENERIC where AutoModelForImageTextToText knows it."""
+    generic (evaluation): a model type in no row of FAMILIES is GENERIC where AutoModelForImageTextToText knows it.
+    An adapter folder has its base's family."""
+    if os.path.isdir(path) and adapter_base(path):
+        return checkpoint_family(adapter_base(path), generic)
     if os.path.isdir(path):
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
@@ -365,10 +391,15 @@ def load_processor(name_or_path, generic=False):
 def load(name_or_path, dtype=None, device=None, meta=False, generic=False):
     """(model, processor) from a hub id, an alias of ALIASES or a local folder. meta: the architecture
     without weights, on the meta device (train.py's other ranks receive their shards from rank 0).
-    generic: a model type in no row of FAMILIES loads with AutoModelForImageTextToText (evaluation only)."""
+    generic: a model type in no row of FAMILIES loads with AutoModelForImageTextToText (evaluation only).
+    An adapter folder (PEFT's) loads as its base model with the adapter merged in: evaluation at the base's speed."""
     processor = load_processor(name_or_path, generic)
     path, fam, cls = where(name_or_path), processor.family, _family(processor)["cls"]
-    if meta:
+    base = adapter_base(path)
+    if base:
+        model = load(base, dtype, meta=meta, generic=generic)[0]
+        model = model if meta else peft.PeftModel.from_pretrained(model, path).merge_and_unload()
+    elif meta:
         with torch.device("meta"):
             model = cls._from_config(transformers.AutoConfig.from_pretrained(path), dtype=dtype)
     else:
@@ -378,14 +409,28 @@ def load(name_or_path, dtype=None, device=None, meta=False, generic=False):
 
 
 def save(model, processor, folder, state_dict=None):
-    """A Hugging Face folder: safetensors weights, config and processor (SPEC section 6)."""
+    """A Hugging Face folder: safetensors weights, config and processor (SPEC section 6). Of a PeftModel (state_dict:
+    its own names, base_model.model...), the adapter folder: adapter_config.json, adapter_model.safetensors, processor."""
     model.save_pretrained(folder, state_dict=state_dict)
+    if isinstance(model, peft.PeftModel):  # fully_shard renamed the class (FSDPLlava...): AutoPeftModel needs the real one
+        cls = _family(processor)["cls"]
+        model.peft_config["default"].save_pretrained(folder, auto_mapping_dict={"base_model_class": cls.__name__,
+                                                                                "parent_library": cls.__module__})
     if isinstance(processor, NoVideo):  # cannot be saved whole without torchvision
         processor.tokenizer.save_pretrained(folder)
         processor.image_processor.save_pretrained(folder)
     else:
         processor.save_pretrained(folder)
     return folder
+
+
+def lora_config(model, r, alpha, dropout, targets):
+    """PEFT's LoraConfig for train.py --lora: adapters on the `targets` projections (q_proj, ...) of the language
+    model's blocks alone (the pattern's prefix: never the vision tower's or the Q-Former's, some of which share those
+    names), the projector trained in full (modules_to_save: saved in the adapter, restored by PeftModel)."""
+    return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                           target_modules=r"(model\.)?language_model\..*\.(" + "|".join(map(re.escape, targets)) + ")",
+                           modules_to_save=[FAMILIES[family(model)]["projector"]])
 
 
 def image_size(processor):
@@ -631,20 +676,87 @@ def embed(model, batch):
     kwargs = {k: batch[k] for k in f["image_keys"]} | {k: getattr(model.config, k) for k in f["config_keys"]}
     feats = model.get_image_features(**kwargs).pooler_output
     feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.flatten(0, -2)
+    return _merged(model, ids, embeds, feats)
+
+
+def _merged(model, ids, embeds, feats):
+    """The text embeddings with the image features (all images' tokens, in order) at the image tokens."""
     image_mask = ids == model.config.image_token_id
     if image_mask.sum() != feats.shape[0]:
         raise ValueError(f"{int(image_mask.sum())} image tokens in the batch but {feats.shape[0]} image features")
-    embeds = embeds.masked_scatter(image_mask[..., None], feats.to(embeds.dtype))
-    return embeds, image_mask
+    return embeds.masked_scatter(image_mask[..., None], feats.to(embeds.dtype)), image_mask
 
 
-def logits(model, inputs_embeds, batch, keep=None):
+def logits(model, inputs_embeds, batch, keep=None, past=None):
     """Logits (B, L, V) of the language model on (possibly perturbed) input embeddings; with `keep`
-    (a 1-D tensor of positions) only those (B, len(keep), V): the lm head is costly for small models."""
+    (a 1-D tensor of positions) only those (B, len(keep), V): the lm head is costly for small models.
+    past: prefix()'s keys and values of the rows' first P positions; inputs_embeds are then the positions
+    from P on (keep counts from P too), and the logits those a pass over the whole rows gives there."""
+    cache = None if past is None else transformers.DynamicCache(past, config=model.config)
+    return _language(model, inputs_embeds, batch, 0 if keep is None else keep, cache).logits
+
+
+def prefix(model, inputs_embeds, batch, stop):
+    """The keys and values of the rows' positions before `stop`, per layer, without gradients: what
+    logits(..., past=) continues from. A causal model's states there do not depend on what follows, so a
+    pass over the rest of the rows on top of them gives the logits of a pass over the whole rows."""
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        _language(model, inputs_embeds[:, :stop], batch, 1, cache)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _language(model, inputs_embeds, batch, keep, cache):
+    """The family's language-model call on inputs_embeds, which follow the cache's positions if there is one."""
     f = FAMILIES[family(model)]
     lm = getattr(model, f["lm"]) if f["lm"] else model
-    return lm(inputs_embeds=inputs_embeds, logits_to_keep=0 if keep is None else keep,
-              **{k: batch[k] for k in f["lm_keys"]}).logits
+    kwargs = {k: batch[k] for k in f["lm_keys"]}
+    if cache is None:
+        return lm(inputs_embeds=inputs_embeds, logits_to_keep=keep, **kwargs)
+    start = cache.get_seq_length()
+    stop = start + inputs_embeds.shape[1]
+    kwargs |= dict(attention_mask=batch["attention_mask"][:, :stop], use_cache=True, past_key_values=cache)
+    if f.get("positions"):
+        kwargs["position_ids"] = f["positions"](model, batch)[..., start:stop]
+    with unchecked(model):
+        return lm(inputs_embeds=inputs_embeds, logits_to_keep=keep, **kwargs)
+
+
+# ---- evaluation's shortcut (evaluate.py --shortcuts): the vision tower once per distinct image ---------------
+
+def embed_once(model, batch):
+    """embed()'s (embeds, image_mask), each distinct image through the vision tower once: a row whose image inputs
+    equal an earlier row's (compared, not assumed) takes that row's features. The image inputs are all that the
+    features read (FAMILIES' image_keys): InstructBLIP's Q-Former reads the instruction too (qformer_input_ids), so
+    there the rows of one image under other texts still run one each."""
+    f, n = FAMILIES[family(model)], len(batch["input_ids"])
+    parts = {k: batch[k].split(1) for k in f["image_keys"]}
+    if "image_grid_thw" in parts:  # Qwen: pixel_values are the images' patches one after another, t*h*w an image
+        parts["pixel_values"] = batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())
+    if any(len(v) != n for v in parts.values()):  # not one image a row (InternVL's tiles): nothing to tell apart
+        return embed(model, batch)
+    first = [next(q for q in range(r + 1) if all(torch.equal(v[q], v[r]) for v in parts.values())) for r in range(n)]
+    distinct = sorted(set(first))
+    kwargs = {k: torch.cat([v[r] for r in distinct]) for k, v in parts.items()}
+    feats = list(model.get_image_features(**kwargs, **{k: getattr(model.config, k) for k in f["config_keys"]})
+                 .pooler_output)  # (tokens, D) an image
+    feats = torch.cat([feats[distinct.index(q)] for q in first])
+    return _merged(model, batch["input_ids"], model.get_input_embeddings()(batch["input_ids"]), feats)
+
+
+@contextlib.contextmanager
+def unchecked(model):
+    """Activation checkpointing off meanwhile: transformers' checkpointed layers drop a cache in training
+    (GradientCheckpointingLayer sets past_key_values=None, with a warning only once), so passes that read or
+    fill one run without it. Only PGD's passes over a suffix do, which need no parameter gradients."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in layers:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.gradient_checkpointing = True
 
 
 def freeze(model):

@@ -594,8 +594,8 @@ def test_profile_times_every_phase_without_changing_the_step(toy, tmp_path, monk
     for a, b in zip(plain, profiled):
         assert a["loss"] == b["loss"] and a["tokens"] == b["tokens"] > 0 and "phases" not in a
     for m in profiled:
-        assert set(m["phases"]) == {"data", "embed", "noise", "pgd1", "pgd2", "pgd3", "forward", "backward",
-                                    "optimizer"} and all(v > 0 for v in m["phases"].values())
+        assert set(m["phases"]) == {"data", "embed", "noise", "prefix", "pgd1", "pgd2", "pgd3", "forward",
+                                    "backward", "optimizer"} and all(v > 0 for v in m["phases"].values())
         assert m["peak_mem"] > 2**20
     assert sum(profiled[0]["phases"].values()) <= profiled[0]["time"]  # laps partition the step
     assert os.listdir(tmp_path / "profiled") == ["metrics.jsonl"]  # --save-every 0 --no-export: nothing else
@@ -638,22 +638,47 @@ def test_the_memory_plan_is_the_published_architecture_sharded_as_fsdp2_does():
     assert bench.plan("llava-1.5-13b", 8, 20, 700)["total"] == pytest.approx(13.35e9, rel=1e-3)
 
 
+def test_the_lora_memory_plan_adapts_the_language_models_projections_and_trains_the_projector():
+    import bench
+    d, r, base = bench.ARCHS["llava-1.5-7b"], 16, 7_063_427_072
+    h, inter = d["hidden"], d["intermediate"]
+    linears = [(h, h)] * 4 + [(h, inter)] * 2 + [(inter, h)]  # (in, out) of q, k, v, o, gate, up, down
+    lora = d["layers"] * sum(r * (i + o) for i, o in linears)  # A (r, in) and B (out, r) per targeted Linear
+    projector = [(d["vision_hidden"], h), (h, h)]  # two Linears with biases
+    trained = lora + sum(i * o + o for i, o in projector)
+    one = bench.plan("llava-1.5-7b", 1, rows=20, length=700, lora=r)
+    assert one["total"] == base + lora and one["trained"] == trained  # no adapter elsewhere (CLIP has q/k/v too)
+    assert one["params"] == 2 * (one["total"] - trained) + 4 * trained  # frozen in bf16, trained in fp32
+    assert one["grads"] == 4 * trained and one["adam"] == 8 * trained
+    assert one["gpu"] < 24 * 2**30  # the issue's claim: a 7B LoRA run fits one 24 GB GPU
+    world = 4  # every tensor split on dim 0 into ceil(n / world) rows, rank 0 holding the first chunk
+    shard = (d["layers"] * sum(-(-r // world) * i + -(-o // world) * r for i, o in linears)
+             + sum(-(-o // world) * (i + 1) for i, o in projector))
+    assert bench.plan("llava-1.5-7b", world, rows=20, length=700, lora=r)["grads"] == 4 * shard
+
+
 def test_bench_times_each_preset_on_the_same_batches(tmp_path, capsys):
     import bench
     bench.main(["--arch", "tiny", "--presets", "fft-aug", "ours", "--extra-pgd-steps", "1", "3", "--steps", "1",
                 "--out", str(tmp_path), "--plan"])
     results = json.load(open(tmp_path / "speed-tiny.json"))
-    assert list(results) == ["fft-aug", "ours", "ours T=1", "ours T=3", "ours twins=all"]
-    assert [results[k]["floor"] for k in results] == [bench.floor("fft-aug", 2), bench.floor("ours", 2),
-                                                      bench.floor("ours", 1), bench.floor("ours", 3),
-                                                      bench.floor("ours", 2, twins="all")]
+    assert list(results) == ["fft-aug", "ours", "ours T=1", "ours T=3", "ours twins=all", "ours shortcuts=off"]
+    share = results["ours"]["share"]  # the part of the attacked rows' positions PGD ran over: image-heavy rows
+    assert 0.5 < share < 1 and results["ours shortcuts=off"]["share"] == results["fft-aug"]["share"] == 1
+    assert [results[k]["floor"] for k in results] == [bench.floor("fft-aug", 2), bench.floor("ours", 2, share=share),
+                                                      bench.floor("ours", 1, share=share),
+                                                      bench.floor("ours", 3, share=share),
+                                                      bench.floor("ours", 2, twins="all",
+                                                                  share=results["ours twins=all"]["share"]),
+                                                      bench.floor("ours", 2)]
+    assert bench.floor("ours", 2, share=share) < bench.floor("ours", 2) == 11.5 / 4.5  # floor's docstring units
     assert not any(k.startswith("pgd") and v for k, v in results["fft-aug"]["phases"].items())
     assert results["ours T=3"]["phases"]["pgd3"] > 0 and results["ours"]["phases"]["pgd3"] == 0
     tokens = {k: r["tokens"] * r["step"] for k, r in results.items()}  # the same batches: the same tokens
     assert len({round(t) for k, t in tokens.items() if k != "ours twins=all"}) == 1
     assert tokens["ours twins=all"] > tokens["ours"]  # the same originals with more twins
     out = capsys.readouterr().out
-    assert "| fft-aug |" in out and "| 1.00 | 1.00 |" in out and "each extra PGD step" in out
+    assert "| fft-aug |" in out and "| 1.00 | 1.00 | 1.00 |" in out and "each extra PGD step" in out
 
 
 def test_instruction_samples_train_on_their_reply_and_are_never_scored(toy, tmp_path, monkeypatch):

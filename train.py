@@ -22,6 +22,7 @@ import sys
 import time
 from fractions import Fraction
 
+import peft
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -124,7 +125,8 @@ p.add_argument("--prompt", choices=M.STYLES, default="ours",
                help="how prompts and answers are written (model.PROMPTS): ours, or the authors' (their option "
                     "lines, system prompt and bare answer letter)")
 # method
-p.add_argument("--cons", choices=["none", "kl", "js"], default="js", help="consistency loss (eq. 9 for kl)")
+p.add_argument("--cons", choices=["none", "kl", "js", "mse"], default="js",
+               help="consistency loss (eq. 9 for kl; mse: on the answer logits, see losses.consistency)")
 p.add_argument("--lambda-cons", type=float, default=0.01)
 p.add_argument("--tau", type=float, default=1.0)
 p.add_argument("--adv", choices=["none", "pgd", "rg"], default="pgd", help="adversarial term: PGD or random Gaussian")
@@ -135,6 +137,9 @@ p.add_argument("--pgd-sign", action="store_true", help="sign-gradient steps inst
 p.add_argument("--pgd-scope", choices=["sample", "template"], default="sample",
                help="what PGD may touch in an image-heavy row: the sample's own text (question, options, "
                "instruction), or every non-answer text position, the chat template's too (the authors')")
+p.add_argument("--shortcuts", choices=["on", "off"], default="on",
+               help="exact shortcuts: under --pgd-scope sample, PGD's passes over image-heavy rows start at their "
+               "first perturbed position, on the clean prefix's keys and values (same numbers; off: whole rows)")
 p.add_argument("--sigma", type=float, default=0.05, help="std of the RG noise")
 # optimisation
 p.add_argument("--lr", type=float, default=2e-5)
@@ -149,6 +154,19 @@ p.add_argument("--grad-accum", type=int, default=1)
 p.add_argument("--weight-decay", type=float, default=1e-4)
 p.add_argument("--adam-eps", type=float, default=1e-6)
 p.add_argument("--grad-clip", type=float, default=1.0)
+# LoRA: low-rank adapters on the LLM instead of its full weights (one GPU); the projector is trained in full
+p.add_argument("--lora", type=int, default=0, metavar="R",
+               help="rank of the adapters (0: full fine-tuning, the paper's)")
+p.add_argument("--lora-alpha", type=float, default=None,
+               help="updates are B @ A * alpha / R (default 2R: the authors' ratio, r 128 and alpha 256, at any R)")
+p.add_argument("--lora-dropout", type=float, default=0.0,
+               help="dropout on the adapters' input (the authors' 0.1 would make L_cons compare two dropout masks "
+                    "as well as two inputs)")
+p.add_argument("--lora-targets", nargs="+", default="q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split(),
+               help="projections of the language model's blocks that get adapters (the authors': q_proj k_proj v_proj "
+                    "o_proj); the vision tower and Q-Former never do")
+p.add_argument("--merge", action="store_true",
+               help="with --lora: export the merged model (base + adapters) to --out, the adapter to --out/adapter")
 # system
 p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: bf16 on GPU)")
 p.add_argument("--cpu-offload", choices=["auto", "on", "off"], default="auto", help="auto: on for GPU and > 3B params")
@@ -169,10 +187,12 @@ p.set_defaults(**PRESETS[known.preset])  # after: a preset's own flags (fft-vqa'
 args = p.parse_args()
 if args.eps is None:
     args.eps = 1e-4 if "13b" in args.model.lower() else 1e-3
+if args.lora_alpha is None:
+    args.lora_alpha = 2 * args.lora
 
 # ---- refusals: a flag or an --out that would waste the run or the user's files fails here, in one line -----
 CKPT = re.compile(r"ckpt-\d{8}")  # the only folders resume reads and pruning deletes: a user's ckpt-best is theirs
-EXPORT = ("config.json", "model.safetensors", "model.safetensors.index.json")
+EXPORT = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json")
 
 
 def checkpoints():
@@ -192,6 +212,9 @@ if args.keep_checkpoints < 1 or args.save_every < 0:
 if args.max_steps is not None and args.max_steps <= 0 and not (args.max_steps == 0 and args.preset == "vanilla"):
     sys.exit(f"error: --max-steps {args.max_steps} trains nothing: pass a positive number "
              f"(--preset vanilla exports the base model on purpose)")
+if args.lora < 0 or (args.merge and not args.lora) or (args.lora and not args.freeze_vision):
+    sys.exit(f"error: --lora {args.lora}{' --merge' * args.merge}{' --no-freeze-vision' * (not args.freeze_vision)}: "
+             f"--lora takes a rank (0: off), --merge needs one, and the vision encoder trains only without --lora")
 if args.max_steps is None and args.epochs <= 0:
     sys.exit(f"error: --epochs {args.epochs:g} trains nothing: pass a positive number (or --max-steps)")
 try:  # the facts UF draws from in training: the user's file whole, or the built-in train pool
@@ -437,10 +460,10 @@ def micro_batches(step):
 # Flags that cannot change the losses; the rest must match the checkpoint's run, or a resume would
 # continue a different run (data and model are compared by content, in `inputs`)
 FREE = {"save_every", "keep_checkpoints", "profile", "resume", "overwrite", "max_bad_steps", "export", "out",
-        "activation_checkpointing", "cpu_offload", "workers", "data", "model", "facts_file"}
+        "activation_checkpointing", "cpu_offload", "workers", "data", "model", "facts_file", "shortcuts", "merge"}
 
 # Flags added since, with the value that gives what a checkpoint written before them computed
-EARLIER = {"pgd_scope": "template"}
+EARLIER = {"pgd_scope": "template", "lora": 0}
 
 
 def shown(v):
@@ -508,6 +531,15 @@ hf_model, processor = M.load(args.model, dtype=torch.float32, meta=not master)
 size = args.canvas_size or M.image_size(processor)  # canvases and random pixels: the encoder's input size
 if args.freeze_vision:
     M.freeze(hf_model)
+if args.lora:  # adapters inserted in hf_model itself, before sharding: FSDP2 shards each block with them inside
+    peft_model = peft.get_peft_model(hf_model, M.lora_config(hf_model, args.lora, args.lora_alpha, args.lora_dropout,
+                                                             args.lora_targets))  # all else frozen
+    base = M.where(args.model)  # the adapter's base: a local folder by its absolute path, so any folder can load it
+    peft_model.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if os.path.isdir(base) else base
+    with torch.no_grad():  # frozen weights are only read, in the compute dtype: store them so (7B in bf16: 13 GiB,
+        for q in hf_model.parameters():  # not 26); FSDP2 asks one dtype of the trained ones alone
+            if not q.requires_grad:
+                q.data = q.data.to(dtype)
 if args.activation_checkpointing or (args.activation_checkpointing is None and device.type == "cuda"):
     hf_model.activation_checkpointing_enable({"use_reentrant": False})
 M.train_mode(hf_model) if args.freeze_vision else hf_model.train()
@@ -515,14 +547,19 @@ M.train_mode(hf_model) if args.freeze_vision else hf_model.train()
 
 class Step(torch.nn.Module):
     """Routes both halves of a pass through one root forward, so FSDP2 gathers the root's own weights
-    (embedding table, projector, lm head) around each: step(batch) embeds, step(batch, embeds) gives logits."""
+    (embedding table, projector, lm head) around each: step(batch) embeds, step(batch, embeds) gives logits,
+    step(batch, embeds, stop=P) the keys and values of the first P positions (M.prefix)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, batch, embeds=None, keep=None):
-        return M.embed(self.model, batch) if embeds is None else M.logits(self.model, embeds, batch, keep)
+    def forward(self, batch, embeds=None, keep=None, past=None, stop=None):
+        if embeds is None:
+            return M.embed(self.model, batch)
+        if stop is not None:
+            return M.prefix(self.model, embeds, batch, stop)
+        return M.logits(self.model, embeds, batch, keep, past)
 
 
 step_model = Step(hf_model)
@@ -554,7 +591,8 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_dec
                               lr=args.lr, eps=args.adam_eps)
 log(f"{n_params / 1e6:.1f}M parameters, {sum(q.numel() for _, q in trainable) / 1e6:.1f}M trained; "
     f"FSDP2 over {world} rank{'s' if world > 1 else ''} on {device}, {dtype}"
-    f"{', CPU offload' if offload else ''}; preset {args.preset}")
+    f"{', CPU offload' if offload else ''}; preset {args.preset}"
+    + (f"; LoRA r {args.lora}, alpha {args.lora_alpha:g} on {' '.join(args.lora_targets)}" if args.lora else ""))
 
 
 def get_lr(step):
@@ -659,6 +697,7 @@ if master:
 
 # ---- the objective (eq. 10) -------------------------------------------------------------------------------
 phases, mark = {}, 0.0  # --profile: seconds per phase of the current step (bench.py's breakdown)
+pgd_tokens = [0, 0]  # --profile: positions PGD's passes ran over, and over whole rows (bench.py's floor)
 
 
 def lap(name=None):
@@ -727,6 +766,30 @@ def perturbable(batch, image_mask):
                                 batch["sample_mask"] if args.pgd_scope == "sample" else None)
 
 
+def pgd_passes(batch, attack, mask):
+    """How PGD's passes split the attacked rows (positions in `attack`): [(rows, start, weight)], the same list on
+    every rank. Under --pgd-scope sample an image-heavy row's perturbed text follows its image and the template's
+    head, and causal attention keeps the positions before it clean whatever delta is: its passes start at the
+    first perturbed position of its group, on the clean prefix's keys and values (M.prefix). A text-heavy row
+    perturbs its image, which follows only the template's head: its passes are whole. A kind that another rank
+    has and this one lacks is passed once more on a row of weight 0, as FSDP's collectives need."""
+    tasks = [batch["tasks"][r] for r in attack]
+    share = args.shortcuts == "on" and args.pgd_scope == "sample"
+    kinds = [[i for i, t in enumerate(tasks) if share and t == "image_heavy"]]
+    kinds.append([i for i in range(len(attack)) if i not in kinds[0]])
+    present = torch.tensor([float(len(k) > 0) for k in kinds], device=device)
+    anywhere = all_sum(present) if world > 1 else present
+    passes = []
+    for reuse, rows, used in zip((share, False), kinds, anywhere.tolist()):
+        if used:
+            first = [int(mask[i].float().argmax()) for i in rows if mask[i].any()]
+            start = min(first, default=1) if reuse else 0
+            if reuse and start == 0:
+                raise RuntimeError(f"a template that starts with the sample's text: nothing to share ({M.family(hf_model)})")
+            passes.append((rows or [0], start, float(len(rows) > 0)))
+    return passes
+
+
 def token_counts(batch):
     """Answer tokens entering each loss term, for normalising by the global count (all ranks, micro-steps)."""
     labels = batch["labels"]
@@ -766,6 +829,13 @@ def loss_parts(batch, step, totals):
         noise = noise_like(base, [batch["ids"][r] for r in attack], step, args.adv)
         lap("noise")
         if args.adv == "pgd":  # gradients w.r.t. delta only: the attack leaves parameter .grad alone
+            passes = pgd_passes(batch, attack, sub_mask)
+            pasts = [step_model(rows_of(sub, rows), base[rows], stop=start) if start else None
+                     for rows, start, _ in passes]  # the clean prefix's keys and values: delta cannot reach them
+            lap("prefix")
+            width = sub["input_ids"].shape[1]
+            pgd_tokens[0] += sum(len(rows) * (width - start) for rows, start, weight in passes if weight)
+            pgd_tokens[1] += len(adv) * width
             calls = iter(range(1, args.pgd_steps + 1))
 
             def attacked(d):
@@ -774,7 +844,13 @@ def loss_parts(batch, step, totals):
                 i = next(calls)
                 if i > 1:
                     lap(f"pgd{i - 1}")  # the previous step's forward and backward w.r.t. delta
-                return losses.sft_loss(step_model(sub, base + d, keep), targets[attack], "sum", shift=False) / totals[1]
+                loss = 0
+                for (rows, start, weight), past in zip(passes, pasts):
+                    part = rows_of(sub, rows)
+                    keep_ = answer_positions(part["labels"])  # from `start` on: answers follow the sample's text
+                    out = step_model(part, (base + d)[rows, start:], keep_ - start, past)
+                    loss = loss + weight * losses.sft_loss(out, part["labels"][:, keep_ + 1], "sum", shift=False)
+                return loss / totals[1]
 
             delta = losses.pgd(attacked, base, sub_mask, args.eps, args.alpha, args.pgd_steps, args.pgd_sign,
                                noise=noise)
@@ -811,6 +887,7 @@ data = iter(torch.utils.data.DataLoader(range(start, max_steps), batch_size=None
 bad, t0, tokens_seen = 0, time.time(), 0  # tokens: every rank's, real (not padding)
 for step in range(start, max_steps):
     phases.clear()
+    pgd_tokens[:] = [0, 0]
     lap()
     if args.profile and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -856,7 +933,7 @@ for step in range(start, max_steps):
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"step": step, "lr": lr, "loss": total, "sft": sft, "adv": adv_loss, "cons": cons,
                                 "grad_norm": grad_norm, "time": time.time() - t0, "tokens": int(tokens),
-                                **({"phases": phases, "peak_mem": peak_memory()} if args.profile else {})}) + "\n")
+                                **({"phases": phases, "peak_mem": peak_memory(), "pgd_tokens": pgd_tokens} if args.profile else {})}) + "\n")
         progress(step + 1 - start, max_steps - start, t0, "steps",
                  f"| loss {total:.4f} (sft {sft:.4f} adv {adv_loss:.4f} cons {cons:.4f}) | "
                  f"{tokens_seen / (time.time() - t0):.0f} tok/s")
@@ -865,17 +942,26 @@ for step in range(start, max_steps):
 del data  # its workers end here, not with the process
 
 # ---- the output: a Hugging Face folder that plain transformers loads --------------------------------------
-full = get_model_state_dict(step_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+# (of a LoRA run, the adapter folder in PEFT's format, which names its base; with --merge the merged model too)
+full = get_model_state_dict(step_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=args.lora > 0)) \
     if args.export else {}
 if master and args.export:
     full = {k.removeprefix("model."): v for k, v in full.items()}
     tmp = os.path.join(args.out, ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
-    M.save(hf_model, processor, tmp, state_dict=full)
+    if args.lora:
+        adapter = os.path.join(tmp, "adapter") if args.merge else tmp
+        M.save(peft_model, processor, adapter, state_dict={"base_model.model." + k: v for k, v in full.items()})
+        if args.merge:  # in float32, as training holds the weights: a bf16 base plus a small B @ A would round it off
+            M.save(*M.load(adapter, dtype=torch.float32), tmp)
+    else:
+        M.save(hf_model, processor, tmp, state_dict=full)
     if replacing and old_export:  # the earlier model's files go, or two models (of two families, say) would mix
         for name in os.listdir(args.out):  # folders stay: checkpoints, a user's eval/
             if os.path.isfile(os.path.join(args.out, name)) and name != "metrics.jsonl":
                 os.remove(os.path.join(args.out, name))
+        shutil.rmtree(os.path.join(args.out, "adapter"), ignore_errors=True)  # a --merge run's adapter
     for name in os.listdir(tmp):
         if os.path.isdir(os.path.join(args.out, name)):  # an earlier export's folder (InstructBLIP's qformer_tokenizer)
             shutil.rmtree(os.path.join(args.out, name))
