@@ -19,6 +19,7 @@ import time
 import torch
 
 import model as M
+from tiny import make_parts, make_tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # LLaVA-architecture shapes. The 7B/13B rows are the published llava-1.5-{7,13}b-hf configs (CLIP
@@ -94,8 +95,8 @@ def prepare(args):
     if not os.path.exists(os.path.join(folder, "config.json")):
         print(f"building a random-weight {arch} LLaVA in {folder}", flush=True)
         words = open(os.path.join(data, "vocab.txt"), encoding="utf-8").read().split()
-        M.make_tiny("llava", folder, words, seed=0, dtype=None if arch in ("tiny", "cpu") else torch.bfloat16,
-                    **ARCHS[arch])
+        make_tiny("llava", folder, words, seed=0, dtype=None if arch in ("tiny", "cpu") else torch.bfloat16,
+                  **ARCHS[arch])
     return folder, os.path.join(data, "train.jsonl")
 
 
@@ -107,6 +108,7 @@ def speed(args):
         runs += [(f"ours T={t}", "ours", ["--pgd-steps", str(t)], dict(pgd_steps=t)) for t in args.extra_pgd_steps]
         runs += [("ours twins=all", "ours", ["--twins", "all"], dict(twins="all"))] * args.twins_all
         runs += [("ours shortcuts=off", "ours", ["--shortcuts", "off"], {})]  # whole rows in every PGD pass
+        runs += [("ours --lora 16", "ours", ["--lora", "16"], None)]  # no floor: its backward skips most weights
     results, t0 = {}, time.time()
     names = phase_names(max([2, *args.extra_pgd_steps]))
     for i, (name, preset, extra, cost) in enumerate(runs):
@@ -115,7 +117,8 @@ def speed(args):
         lines = run_preset(name.replace(" ", "").replace("=", ""), preset, extra + args.train_args, folder,
                            data, args.out, args.warmup + args.steps, args.batch_size)
         results[name] = summarize(lines, args.warmup, args.batch_size, names)
-        results[name]["floor"] = floor(preset, **{"pgd_steps": 2, **cost, "share": results[name]["share"]})
+        results[name]["floor"] = cost is not None and floor(preset, **{"pgd_steps": 2, **cost,
+                                                                        "share": results[name]["share"]})
     base = results.get("fft-aug", next(iter(results.values())))["step"]
     used = [k for k in names if any(r["phases"][k] > 0 for r in results.values())]
     cores = len(os.sched_getaffinity(0))
@@ -127,7 +130,7 @@ def speed(args):
              + " | ".join(used) + " |", "|---" * (8 + len(used)) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['step']:.3f} | {r['samples']:.1f} | {r['tokens']:.0f} | "
-                     f"{r['peak'] / 2**30:.2f} GiB | {r['step'] / base:.2f} | {r['floor']:.2f} | {r['share']:.2f} | "
+                     f"{r['peak'] / 2**30:.2f} GiB | {r['step'] / base:.2f} | {'-' if r['floor'] is False else format(r['floor'], '.2f')} | {r['share']:.2f} | "
                      + " | ".join(f"{1000 * r['phases'][k]:.0f}" for k in used) + " |")
     table = "\n".join(lines)
     print(table)
@@ -340,7 +343,7 @@ def plan(arch, world, rows, length, lora=0):
     from torch.testing._internal.distributed.fake_pg import FakeStore  # collectives that do nothing
 
     dims = ARCHS[arch]
-    config, _ = M.make_parts("llava", (), **dims)
+    config, _ = make_parts("llava", (), **dims)
     with torch.device("meta"):  # shapes without storage: a 13B model costs nothing to build
         model = M.FAMILIES["llava"]["cls"](config)
     M.freeze(model)

@@ -26,6 +26,7 @@ import losses
 import model as M
 import perturb
 from perturb import APPLIES, TASKS, DataError
+from tiny import make_tiny, make_tokenizer
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
 
@@ -575,7 +576,7 @@ def tiny(tmp_path_factory):
 
     def get(fam):
         if fam not in cache:
-            m, p = M.load(M.make_tiny(fam, str(root / fam)))
+            m, p = M.load(make_tiny(fam, str(root / fam)))
             cache[fam] = (m.eval(), p, str(root / fam))
         return cache[fam]
     return get
@@ -1175,7 +1176,7 @@ def test_toy_world_is_deterministic_valid_and_split(tmp_path):
     assert image.size == (32, 32) and image.tobytes() == Image.open(tmp_path / "b" / "images" / "train" /
                                                                     "00000.png").tobytes()
     vocab = set((tmp_path / "a" / "vocab.txt").read_text().split())
-    tok = M.make_tokenizer(vocab)
+    tok = make_tokenizer(vocab)
     for s in train + test:
         text = perturb.render(perturb.perturb(s, "uf" if s["task"] == "image_heavy" else "orig", 0))
         assert tok.unk_token_id not in tok(text)["input_ids"], text  # the word-level tokenizer knows every word

@@ -14,6 +14,7 @@ import model as M
 import perturb
 from test_core import _write_dataset
 from test_train import _metrics, _train, toy  # noqa: F401 (toy: the toy data, a pytest fixture)
+from tiny import INTERNVL_TOKENS, make_tiny
 
 FAMILIES = ["qwen2-vl", "llava-next", "llava-next-mistral", "internvl"]
 TRAINED = ["qwen2-vl", "llava-next", "internvl"]  # llava-next-mistral is llava-next's row with another LLM and template
@@ -26,7 +27,7 @@ def tiny(tmp_path_factory):
 
     def get(fam):
         if fam not in cache:
-            folder = M.make_tiny(fam, str(root / fam))
+            folder = make_tiny(fam, str(root / fam))
             m, p = M.load(folder)
             cache[fam] = (m.eval(), p, folder)
         return cache[fam]
@@ -141,7 +142,7 @@ def test_internvl_on_the_real_tokenizer_gives_the_hub_ids():
     from hub import qwen
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     folder = qwen.tokenizer().name_or_path  # built once into hub/.cache (its vocabulary from a pinned registry package)
-    tok = transformers.AutoTokenizer.from_pretrained(folder, extra_special_tokens=M.INTERNVL_TOKENS)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, extra_special_tokens=INTERNVL_TOKENS)
     tok.add_tokens(["<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"], special_tokens=True)
     assert tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"]) == [151665, 151666, 151667]
     p = M.InternVLImageProcessor(GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}), tok)
@@ -174,7 +175,7 @@ def test_lengths_are_the_lengths_collate_gives(tiny, fam):
 def test_two_steps_of_ours_train_and_export_a_folder_plain_transformers_loads(toy, tmp_path, monkeypatch, fam):
     data, _ = toy
     words = open(os.path.join(os.path.dirname(data), "vocab.txt")).read().split()
-    base = M.make_tiny(fam, str(tmp_path / "base"), words)
+    base = make_tiny(fam, str(tmp_path / "base"), words)
     out = str(tmp_path / "out")
     g = _train(["--model", base, "--data", data, "--out", out, "--preset", "ours", "--max-steps", "2", "--lr", "1e-3",
                 "--eps", "0.05"], monkeypatch)

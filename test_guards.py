@@ -10,6 +10,7 @@ import pytest
 
 import model as M
 import toy
+from tiny import make_tiny
 
 
 def test_toy_stage_cut_during_export_is_not_done(tmp_path):
@@ -39,7 +40,7 @@ def test_unknown_model_type_is_refused_before_its_code_runs(tmp_path):
 
 
 def test_mistyped_local_path_fails_at_once_and_processor_loads_alone(tmp_path, monkeypatch):
-    folder = M.make_tiny("llava", str(tmp_path / "out" / "base"))
+    folder = make_tiny("llava", str(tmp_path / "out" / "base"))
     monkeypatch.chdir(tmp_path)
     for typo in ("out/bsae", "./out/base2", "out/toy/base", str(tmp_path / "nope" / "base"), "~/no-such-model/x"):
         with pytest.raises(FileNotFoundError, match="no such folder") as error:

@@ -9,6 +9,7 @@ from PIL import Image
 import bench
 import losses
 import model as M
+from tiny import make_tiny
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
 
@@ -19,7 +20,7 @@ def tiny(tmp_path_factory):
 
     def get(fam):
         if fam not in cache:
-            m, p = M.load(M.make_tiny(fam, str(root / fam)))
+            m, p = M.load(make_tiny(fam, str(root / fam)))
             cache[fam] = (m.eval(), p)
         return cache[fam]
     return get

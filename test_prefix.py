@@ -28,7 +28,7 @@ def _samples():
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_a_pass_on_the_prefix_cache_gives_the_whole_pass_logits_loss_and_delta_gradient(tmp_path, fam):
-    m, p = M.load(M.make_tiny(fam, str(tmp_path / fam)))
+    m, p = M.load(M.make_tiny(fam, str(tmp_path / fam)))  # SPEC section 4's name (tiny.py builds it)
     m.activation_checkpointing_enable({"use_reentrant": False})  # would drop the cache silently (M.unchecked)
     M.train_mode(m)
     batch = M.collate(p, _samples())
@@ -68,13 +68,15 @@ def test_a_pass_on_the_prefix_cache_gives_the_whole_pass_logits_loss_and_delta_g
     assert positions is None or not torch.equal(positions(m, batch)[0, :, start:], torch.arange(
         start, batch["input_ids"].shape[1]).expand(len(batch["tasks"]), -1))
 
+@pytest.mark.parametrize("checkpointing", [True, False])
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_shortcuts_change_no_loss_gradient_or_weight_of_a_step(toy, tmp_path, monkeypatch, fam):
-    """train.py --shortcuts on/off, two steps of `ours` with activation checkpointing on, a PGD radius large
-    enough to move the losses: the same numbers, and the shortcut was taken (image-heavy passes start late)."""
+def test_shortcuts_change_no_loss_gradient_or_weight_of_a_step(toy, tmp_path, monkeypatch, fam, checkpointing):
+    """train.py --shortcuts on/off, two steps of `ours`, a PGD radius large enough to move the losses: the same
+    numbers, and the shortcut was taken (image-heavy passes start late), with activation checkpointing (which
+    would drop the cache: model.unchecked) and without."""
     data, models = toy
     common = ["--model", models[fam], "--data", data, "--max-steps", "2", "--lr", "1e-3", "--eps", "0.05",
-              "--activation-checkpointing", "--save-every", "0"]
+              "--save-every", "0", "--activation-checkpointing" if checkpointing else "--no-activation-checkpointing"]
     runs = {s: _train(common + ["--out", str(tmp_path / s), "--shortcuts", s], monkeypatch) for s in ("on", "off")}
     g = runs["on"]
     batch = g["micro_batches"](0)[0]

@@ -17,6 +17,7 @@ import transformers
 import model as M
 import perturb
 from perturb import APPLIES, DataError
+from tiny import make_parts, make_tiny
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
 
@@ -40,7 +41,7 @@ def toy(tmp_path_factory):
             [r for r in rows if r["task"] == t][:n]]
     (root / "mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
     words = (root / "vocab.txt").read_text().split()
-    models = {fam: M.make_tiny(fam, str(root / fam), words) for fam in FAMILIES}
+    models = {fam: make_tiny(fam, str(root / fam), words) for fam in FAMILIES}
     return str(root / "mini.jsonl"), models
 
 
@@ -625,7 +626,7 @@ def test_the_memory_plan_is_the_published_architecture_sharded_as_fsdp2_does():
     world = 4
     r = bench.plan("llava-1.5-7b", world, rows=20, length=700)
     assert r["total"] == 7_063_427_072  # llava-hf/llava-1.5-7b-hf's parameter count
-    config, _ = M.make_parts("llava", (), **bench.ARCHS["llava-1.5-7b"])
+    config, _ = make_parts("llava", (), **bench.ARCHS["llava-1.5-7b"])
     with torch.device("meta"):
         m = transformers.LlavaForConditionalGeneration(config)
     # FSDP2 splits every tensor on dim 0 into world chunks; rank 0 holds the first (largest) one
@@ -662,7 +663,9 @@ def test_bench_times_each_preset_on_the_same_batches(tmp_path, capsys):
     bench.main(["--arch", "tiny", "--presets", "fft-aug", "ours", "--extra-pgd-steps", "1", "3", "--steps", "1",
                 "--out", str(tmp_path), "--plan"])
     results = json.load(open(tmp_path / "speed-tiny.json"))
-    assert list(results) == ["fft-aug", "ours", "ours T=1", "ours T=3", "ours twins=all", "ours shortcuts=off"]
+    assert list(results) == ["fft-aug", "ours", "ours T=1", "ours T=3", "ours twins=all", "ours shortcuts=off",
+                             "ours --lora 16"]
+    assert results.pop("ours --lora 16")["floor"] is False  # no floor: LoRA's backward skips most weight gradients
     share = results["ours"]["share"]  # the part of the attacked rows' positions PGD ran over: image-heavy rows
     assert 0.5 < share < 1 and results["ours shortcuts=off"]["share"] == results["fft-aug"]["share"] == 1
     assert [results[k]["floor"] for k in results] == [bench.floor("fft-aug", 2), bench.floor("ours", 2, share=share),

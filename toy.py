@@ -16,7 +16,7 @@ import time
 
 import diagnose
 import evaluate
-import model as M
+from tiny import make_tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A model of ~1 M parameters: CLIP on 32 px images in 8 px patches (16 image tokens), Llama of 3 layers.
@@ -117,7 +117,7 @@ def base_and_vanilla(root, seed, t0, step, total):
     base = os.path.join(root, "base")
     if not done(base):
         words = open(os.path.join(args.data, "vocab.txt"), encoding="utf-8").read().split()
-        finish(M.make_tiny("llava", base, words, seed=seed, **MODEL))
+        finish(make_tiny("llava", base, words, seed=seed, **MODEL))
     phase(f"training the vanilla model from scratch (seed {seed})", t0, step, total)
     return train(base, os.path.join(root, "vanilla"), VANILLA, seed, args.vanilla_steps)
 
