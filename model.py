@@ -694,14 +694,18 @@ def logits(model, inputs_embeds, batch, keep=None, past=None):
     return _language(model, inputs_embeds, batch, 0 if keep is None else keep, cache).logits
 
 
-def prefix(model, inputs_embeds, batch, stop):
+def prefix(model, inputs_embeds, batch, stop, grad=False):
     """The keys and values of the rows' positions before `stop`, per layer, without gradients: what
     logits(..., past=) continues from. A causal model's states there do not depend on what follows, so a
-    pass over the rest of the rows on top of them gives the logits of a pass over the whole rows."""
+    pass over the rest of the rows on top of them gives the logits of a pass over the whole rows.
+    grad: inside the autograd graph, returned with the logits of the last prefix position, which the caller
+    adds to its loss times 0: FSDP2 gathers a layer's weights for backward when a gradient reaches the layer's
+    output, and the last layer's output at the prefix feeds nothing else (its keys and values are inside it)."""
     cache = transformers.DynamicCache(config=model.config)
-    with torch.no_grad():
-        _language(model, inputs_embeds[:, :stop], batch, 1, cache)
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        last = _language(model, inputs_embeds[:, :stop], batch, 1, cache).logits
+    past = [(layer.keys, layer.values) for layer in cache.layers]
+    return (past, last) if grad else past
 
 
 def _language(model, inputs_embeds, batch, keep, cache):

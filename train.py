@@ -554,11 +554,11 @@ class Step(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch, embeds=None, keep=None, past=None, stop=None):
+    def forward(self, batch, embeds=None, keep=None, past=None, stop=None, grad=False):
         if embeds is None:
             return M.embed(self.model, batch)
         if stop is not None:
-            return M.prefix(self.model, embeds, batch, stop)
+            return M.prefix(self.model, embeds, batch, stop, grad)
         return M.logits(self.model, embeds, batch, keep, past)
 
 
@@ -697,7 +697,9 @@ if master:
 
 # ---- the objective (eq. 10) -------------------------------------------------------------------------------
 phases, mark = {}, 0.0  # --profile: seconds per phase of the current step (bench.py's breakdown)
-pgd_tokens = [0, 0]  # --profile: positions PGD's passes ran over, and over whole rows (bench.py's floor)
+# --profile: positions PGD's passes ran over and those of the whole rows, and whether the adversarial copies ran on
+# the clean prefix too (bench.py's floor)
+shortcut = {"covered": 0, "whole": 0, "final": False}
 
 
 def lap(name=None):
@@ -718,7 +720,7 @@ def to_device(batch):
 
 def rows_of(batch, rows):
     """The language-path entries of a batch restricted to some rows (one image per sample)."""
-    idx = torch.tensor(rows, device=batch["input_ids"].device)
+    idx = torch.tensor(list(rows), dtype=torch.long, device=batch["input_ids"].device)
     keys = set(M.FAMILIES[M.family(hf_model)]["lm_keys"]) | {"labels", "input_ids", "attention_mask"}
     return {k: batch[k][idx] for k in keys if k in batch}
 
@@ -767,12 +769,13 @@ def perturbable(batch, image_mask):
 
 
 def pgd_passes(batch, attack, mask):
-    """How PGD's passes split the attacked rows (positions in `attack`): [(rows, start, weight)], the same list on
-    every rank. Under --pgd-scope sample an image-heavy row's perturbed text follows its image and the template's
-    head, and causal attention keeps the positions before it clean whatever delta is: its passes start at the
-    first perturbed position of its group, on the clean prefix's keys and values (M.prefix). A text-heavy row
-    perturbs its image, which follows only the template's head: its passes are whole. A kind that another rank
-    has and this one lacks is passed once more on a row of weight 0, as FSDP's collectives need."""
+    """How the passes over the attacked rows (positions in `attack`) split: [(rows, start, weight)], the same kinds
+    on every rank. Under --pgd-scope sample an image-heavy row's perturbed text follows its image and the template's
+    head, and causal attention keeps the positions before it clean whatever delta is: with --shortcuts on its passes
+    start at the first perturbed position of its kind (the first entry), on the clean prefix's keys and values
+    (M.prefix). A text-heavy row perturbs its image, which follows only the template's head: its passes are whole
+    (start 0). A kind that another rank has and this one lacks is passed once more on a row of weight 0, as FSDP's
+    collectives need."""
     tasks = [batch["tasks"][r] for r in attack]
     share = args.shortcuts == "on" and args.pgd_scope == "sample"
     kinds = [[i for i, t in enumerate(tasks) if share and t == "image_heavy"]]
@@ -818,50 +821,81 @@ def loss_parts(batch, step, totals):
     mask = perturbable(batch, image_mask)
     adv = adversarial_rows(mask)
     attack = adv
-    # every rank must run as many PGD passes, or FSDP's collectives wait forever: a rank whose micro-batch
-    # has nothing to attack (all VQA, at a small batch) while another's has attacks its first row under an
-    # empty mask (delta stays 0) and drops the result
-    if args.adv == "pgd" and world > 1 and all_sum(torch.tensor([float(len(adv))], device=device)).item() > 0:
+    # every rank must run as many passes, or FSDP's collectives wait forever: a rank whose micro-batch has
+    # nothing to attack (all VQA, at a small batch) while another's has attacks its first row under an empty
+    # mask (delta stays 0) and drops the result
+    if args.adv != "none" and world > 1 and all_sum(torch.tensor([float(len(adv))], device=device)).item() > 0:
         attack = adv or [0]
-    all_embeds, all_batch = embeds, batch
-    if attack:
-        sub, base, sub_mask = rows_of(batch, attack), embeds[attack].detach(), mask[attack]
-        noise = noise_like(base, [batch["ids"][r] for r in attack], step, args.adv)
-        lap("noise")
-        if args.adv == "pgd":  # gradients w.r.t. delta only: the attack leaves parameter .grad alone
-            passes = pgd_passes(batch, attack, sub_mask)
-            pasts = [step_model(rows_of(sub, rows), base[rows], stop=start) if start else None
-                     for rows, start, _ in passes]  # the clean prefix's keys and values: delta cannot reach them
-            lap("prefix")
-            width = sub["input_ids"].shape[1]
-            pgd_tokens[0] += sum(len(rows) * (width - start) for rows, start, weight in passes if weight)
-            pgd_tokens[1] += len(adv) * width
-            calls = iter(range(1, args.pgd_steps + 1))
+    if not attack:
+        return losses_of(batch, step_model(batch, embeds, keep), targets, [], totals)
+    sub, base, sub_mask = rows_of(batch, attack), embeds[attack].detach(), mask[attack]
+    noise = noise_like(base, [batch["ids"][r] for r in attack], step, args.adv)
+    lap("noise")
+    passes = pgd_passes(batch, attack, sub_mask)
+    prefix = None
+    if passes[0][1] and not hf_model.is_activation_checkpointing:
+        # the clean pass in two: its prefix, inside the graph, also serves the image-heavy rows' adversarial copies
+        # (delta starts after it) and, detached, PGD's passes over them. Activation checkpointing drops a cache in
+        # training (M.unchecked): under it PGD computes the prefix alone and the copies run whole.
+        start = min(passes[0][1], int(keep.min()))
+        prefix, last = step_model(rows_of(batch, range(n)), embeds, stop=start, grad=True)
+        passes[0] = (passes[0][0], start, passes[0][2])
+    width = sub["input_ids"].shape[1]
+    shortcut["covered"] += sum(len(rows) * (width - start) for rows, start, weight in passes if weight)
+    shortcut["whole"] += len(adv) * width
+    shortcut["final"] |= prefix is not None
+    if args.adv == "pgd":  # gradients w.r.t. delta only: the attack leaves parameter .grad alone
+        pasts = [None if not start else step_model(rows_of(sub, rows), base[rows], stop=start) if prefix is None
+                 else [(k.detach()[[attack[i] for i in rows]], v.detach()[[attack[i] for i in rows]])
+                       for k, v in prefix] for rows, start, _ in passes]  # delta cannot reach the clean prefix
+        lap("prefix")
+        calls = iter(range(1, args.pgd_steps + 1))
 
-            def attacked(d):
-                """L_adv's own normalisation (the global batch mean, as the authors' per-batch mean):
-                each sample's step is then the same however the batch is split over ranks."""
-                i = next(calls)
-                if i > 1:
-                    lap(f"pgd{i - 1}")  # the previous step's forward and backward w.r.t. delta
-                loss = 0
-                for (rows, start, weight), past in zip(passes, pasts):
-                    part = rows_of(sub, rows)
-                    keep_ = answer_positions(part["labels"])  # from `start` on: answers follow the sample's text
-                    out = step_model(part, (base + d)[rows, start:], keep_ - start, past)
-                    loss = loss + weight * losses.sft_loss(out, part["labels"][:, keep_ + 1], "sum", shift=False)
-                return loss / totals[1]
+        def attacked(d):
+            """L_adv's own normalisation (the global batch mean, as the authors' per-batch mean):
+            each sample's step is then the same however the batch is split over ranks."""
+            i = next(calls)
+            if i > 1:
+                lap(f"pgd{i - 1}")  # the previous step's forward and backward w.r.t. delta
+            loss = 0
+            for (rows, start, weight), past in zip(passes, pasts):
+                part = rows_of(sub, rows)
+                keep_ = answer_positions(part["labels"])  # from `start` on: answers follow the sample's text
+                out = step_model(part, (base + d)[rows, start:], keep_ - start, past)
+                loss = loss + weight * losses.sft_loss(out, part["labels"][:, keep_ + 1], "sum", shift=False)
+            return loss / totals[1]
 
-            delta = losses.pgd(attacked, base, sub_mask, args.eps, args.alpha, args.pgd_steps, args.pgd_sign,
-                               noise=noise)
-            lap(f"pgd{args.pgd_steps}")
-        else:
-            delta = losses.gaussian_noise(base, sub_mask, args.sigma, noise=noise)
-    if adv:
-        all_embeds = torch.cat([embeds, embeds[adv] + delta])  # clean graph kept: L_adv trains the projector too
-        all_batch = cat_rows(rows_of(batch, list(range(n))), sub)
-        targets = torch.cat([targets, targets[adv]])
-    logits = step_model(all_batch, all_embeds, keep)  # one pass over [clean; adversarial]
+        delta = losses.pgd(attacked, base, sub_mask, args.eps, args.alpha, args.pgd_steps, args.pgd_sign,
+                           noise=noise)
+        lap(f"pgd{args.pgd_steps}")
+    else:
+        delta = losses.gaussian_noise(base, sub_mask, args.sigma, noise=noise)
+    delta = dict(zip(attack, delta))
+    targets = torch.cat([targets, targets[adv]])
+    if prefix is None:  # one pass over [clean; adversarial]; the clean graph is kept: L_adv trains the projector too
+        rows = list(range(n)) + adv
+        perturbed = torch.stack([embeds[r] + delta[r] if j >= n else embeds[r] for j, r in enumerate(rows)])
+        return losses_of(batch, step_model(rows_of(batch, rows), perturbed, keep), targets, adv, totals)
+    # the clean rows and the image-heavy rows' adversarial copies on the clean prefix; the other copies whole
+    start = passes[0][1]
+    shared = [attack[i] for i in passes[0][0]] if passes[0][2] else []  # weight 0: a stand-in, not this kind
+    rest = [r for r in adv if r not in shared]
+    rows = list(range(n)) + shared
+    perturbed = torch.stack([embeds[r] + delta[r] if j >= n else embeds[r] for j, r in enumerate(rows)])
+    logits = [step_model(rows_of(batch, rows), perturbed[:, start:], keep - start, [(k[rows], v[rows]) for k, v in prefix])]
+    if len(passes) > 1:  # whole rows (one of weight 0 where this rank has none and another has)
+        whole = rest or [0]
+        logits.append(step_model(rows_of(batch, whole), torch.stack([embeds[r] + delta.get(r, 0) for r in whole]),
+                                 keep))
+    out = torch.cat(logits)
+    order = list(range(n)) + [n + shared.index(r) if r in shared else len(rows) + rest.index(r) for r in adv]
+    sft, adv_loss, cons = losses_of(batch, out[order], targets, adv, totals)
+    return sft + (out.sum() + last.sum()) * 0, adv_loss, cons  # every pass in the graph, used or not
+
+
+def losses_of(batch, logits, targets, adv, totals):
+    """L_sft, L_adv and L_cons from the kept logits of the [clean; adversarial] rows."""
+    n = len(batch["labels"])
     sft = losses.sft_loss(logits[:n], targets[:n], "sum", shift=False) / totals[0].clamp(min=1)
     adv_loss = losses.sft_loss(logits[n:], targets[n:], "sum", shift=False) / totals[1].clamp(min=1) if adv \
         else logits.sum() * 0
@@ -887,7 +921,7 @@ data = iter(torch.utils.data.DataLoader(range(start, max_steps), batch_size=None
 bad, t0, tokens_seen = 0, time.time(), 0  # tokens: every rank's, real (not padding)
 for step in range(start, max_steps):
     phases.clear()
-    pgd_tokens[:] = [0, 0]
+    shortcut.update(covered=0, whole=0, final=False)
     lap()
     if args.profile and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -933,7 +967,8 @@ for step in range(start, max_steps):
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"step": step, "lr": lr, "loss": total, "sft": sft, "adv": adv_loss, "cons": cons,
                                 "grad_norm": grad_norm, "time": time.time() - t0, "tokens": int(tokens),
-                                **({"phases": phases, "peak_mem": peak_memory(), "pgd_tokens": pgd_tokens} if args.profile else {})}) + "\n")
+                                **({"phases": phases, "peak_mem": peak_memory(), "shortcut": shortcut} if args.profile else {})})
+                    + "\n")
         progress(step + 1 - start, max_steps - start, t0, "steps",
                  f"| loss {total:.4f} (sft {sft:.4f} adv {adv_loss:.4f} cons {cons:.4f}) | "
                  f"{tokens_seen / (time.time() - t0):.0f} tok/s")
