@@ -725,10 +725,6 @@ def rows_of(batch, rows):
     return {k: batch[k][idx] for k in keys if k in batch}
 
 
-def cat_rows(a, b):
-    return {k: torch.cat([a[k], b[k]]) for k in a}
-
-
 def noise_like(embeds, ids, step, kind):
     """Standard normal noise per sample, seeded by (seed, step, sample id): the same values whatever the
     padding, rank or process count, so one process and many compute the same step."""
@@ -788,7 +784,8 @@ def pgd_passes(batch, attack, mask):
             first = [int(mask[i].float().argmax()) for i in rows if mask[i].any()]
             start = min(first, default=1) if reuse else 0
             if reuse and start == 0:
-                raise RuntimeError(f"a template that starts with the sample's text: nothing to share ({M.family(hf_model)})")
+                raise RuntimeError(f"{M.family(hf_model)}: a template that starts with the sample's text leaves "
+                                   f"nothing to share (pass --shortcuts off)")
             passes.append((rows or [0], start, float(len(rows) > 0)))
     return passes
 
@@ -845,9 +842,11 @@ def loss_parts(batch, step, totals):
     shortcut["whole"] += len(adv) * width
     shortcut["final"] |= prefix is not None
     if args.adv == "pgd":  # gradients w.r.t. delta only: the attack leaves parameter .grad alone
-        pasts = [None if not start else step_model(rows_of(sub, rows), base[rows], stop=start) if prefix is None
-                 else [(k.detach()[[attack[i] for i in rows]], v.detach()[[attack[i] for i in rows]])
-                       for k, v in prefix] for rows, start, _ in passes]  # delta cannot reach the clean prefix
+        pasts = []  # the clean prefix's keys and values, each kind's: delta cannot reach them
+        for rows, start, _ in passes:
+            src = [attack[i] for i in rows]
+            pasts.append(None if not start else step_model(rows_of(sub, rows), base[rows], stop=start)
+                         if prefix is None else [(k.detach()[src], v.detach()[src]) for k, v in prefix])
         lap("prefix")
         calls = iter(range(1, args.pgd_steps + 1))
 
@@ -872,17 +871,20 @@ def loss_parts(batch, step, totals):
         delta = losses.gaussian_noise(base, sub_mask, args.sigma, noise=noise)
     delta = dict(zip(attack, delta))
     targets = torch.cat([targets, targets[adv]])
-    if prefix is None:  # one pass over [clean; adversarial]; the clean graph is kept: L_adv trains the projector too
+
+    def with_copies(copies):  # the clean rows' embeddings, then the copies' perturbed (the clean graph kept:
+        return torch.cat([embeds, *((embeds[r] + delta[r])[None] for r in copies)])  # L_adv trains the projector)
+
+    if prefix is None:  # one pass over [clean; adversarial]
         rows = list(range(n)) + adv
-        perturbed = torch.stack([embeds[r] + delta[r] if j >= n else embeds[r] for j, r in enumerate(rows)])
-        return losses_of(batch, step_model(rows_of(batch, rows), perturbed, keep), targets, adv, totals)
+        return losses_of(batch, step_model(rows_of(batch, rows), with_copies(adv), keep), targets, adv, totals)
     # the clean rows and the image-heavy rows' adversarial copies on the clean prefix; the other copies whole
     start = passes[0][1]
     shared = [attack[i] for i in passes[0][0]] if passes[0][2] else []  # weight 0: a stand-in, not this kind
     rest = [r for r in adv if r not in shared]
     rows = list(range(n)) + shared
-    perturbed = torch.stack([embeds[r] + delta[r] if j >= n else embeds[r] for j, r in enumerate(rows)])
-    logits = [step_model(rows_of(batch, rows), perturbed[:, start:], keep - start, [(k[rows], v[rows]) for k, v in prefix])]
+    logits = [step_model(rows_of(batch, rows), with_copies(shared)[:, start:], keep - start,
+                         [(k[rows], v[rows]) for k, v in prefix])]
     if len(passes) > 1:  # whole rows (one of weight 0 where this rank has none and another has)
         whole = rest or [0]
         logits.append(step_model(rows_of(batch, whole), torch.stack([embeds[r] + delta.get(r, 0) for r in whole]),
@@ -967,8 +969,8 @@ for step in range(start, max_steps):
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"step": step, "lr": lr, "loss": total, "sft": sft, "adv": adv_loss, "cons": cons,
                                 "grad_norm": grad_norm, "time": time.time() - t0, "tokens": int(tokens),
-                                **({"phases": phases, "peak_mem": peak_memory(), "shortcut": shortcut} if args.profile else {})})
-                    + "\n")
+                                **({"phases": phases, "peak_mem": peak_memory(), "shortcut": shortcut}
+                                   if args.profile else {})}) + "\n")
         progress(step + 1 - start, max_steps - start, t0, "steps",
                  f"| loss {total:.4f} (sft {sft:.4f} adv {adv_loss:.4f} cons {cons:.4f}) | "
                  f"{tokens_seen / (time.time() - t0):.0f} tok/s")
