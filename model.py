@@ -750,7 +750,8 @@ def embed_once(model, batch):
 def unchecked(model):
     """Activation checkpointing off meanwhile: transformers' checkpointed layers drop a cache in training
     (GradientCheckpointingLayer sets past_key_values=None, with a warning only once), so passes that read or
-    fill one run without it. Only PGD's passes over a suffix do, which need no parameter gradients."""
+    fill one run without it. Under checkpointing only PGD's passes over a suffix do, which need no parameter
+    gradients (train.py shares the clean pass's prefix inside the graph only without checkpointing)."""
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     for m in layers:
         m.gradient_checkpointing = False
