@@ -337,14 +337,11 @@ def hook_bench(args):
 
 # ---- memory plan: the real architecture on the meta device, sharded by FSDP2 as train.py does -------------
 
-# LoRA's targets: the language model's attention and MLP projections (a bare name list would also take CLIP's q/k/v)
-LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-
-
 def plan(arch, world, rows, length, lora=0):
     """Per-rank bytes of train.py's layout for `world` ranks: fp32 sharded parameters, gradients and
     AdamW state (two fp32 moments) of the trained ones, the bf16 units FSDP2 gathers, and activations.
-    lora=R: PEFT's rank-R adapters on LORA_TARGETS and the projector trained, every other weight frozen
+    lora=R: PEFT's rank-R adapters where train.py --lora puts them (model.lora_config: the language model's
+    attention and MLP projections) and the projector trained, every other weight frozen
     and kept in bf16 (no fp32 copy, no gradient, no AdamW state)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -358,9 +355,11 @@ def plan(arch, world, rows, length, lora=0):
     M.freeze(model)
     if lora:
         import peft
-        peft.inject_adapter_in_model(peft.LoraConfig(r=lora, target_modules=LORA_TARGETS), model)
+        targets = M.lora_config(model, lora, 2 * lora, 0.0).target_modules
+        peft.inject_adapter_in_model(peft.LoraConfig(r=lora, target_modules=targets), model)
+        projector = M.FAMILIES["llava"]["projector"] + "."
         for n, q in model.named_parameters():  # PEFT froze all but the adapters
-            q.requires_grad = "lora_" in n or n.startswith("model.multi_modal_projector.")
+            q.requires_grad = "lora_" in n or n.startswith(projector)
 
     def sizes(module):  # (parameters, trained parameters)
         ps = list(module.parameters())

@@ -422,7 +422,10 @@ def save(model, processor, folder, state_dict=None):
     return folder
 
 
-def lora_config(model, r, alpha, dropout, targets):
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # train.py's default
+
+
+def lora_config(model, r, alpha, dropout, targets=LORA_TARGETS):
     """PEFT's LoraConfig for train.py --lora: adapters on the `targets` projections (q_proj, ...) of the language
     model's blocks alone (the pattern's prefix: never the vision tower's or the Q-Former's, some of which share those
     names), the projector trained in full (modules_to_save: saved in the adapter, restored by PeftModel)."""

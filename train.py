@@ -162,7 +162,7 @@ p.add_argument("--lora-alpha", type=float, default=None,
 p.add_argument("--lora-dropout", type=float, default=0.0,
                help="dropout on the adapters' input (the authors' 0.1 would make L_cons compare two dropout masks "
                     "as well as two inputs)")
-p.add_argument("--lora-targets", nargs="+", default="q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split(),
+p.add_argument("--lora-targets", nargs="+", default=list(M.LORA_TARGETS),
                help="projections of the language model's blocks that get adapters (the authors': q_proj k_proj v_proj "
                     "o_proj); the vision tower and Q-Former never do")
 p.add_argument("--merge", action="store_true",
