@@ -20,6 +20,7 @@ import time
 import torch
 
 import model as M
+import prompts as P
 from tiny import make_parts, make_tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,7 +47,7 @@ def floor(preset, pgd_steps, ratio_image=0.25, ratio_text=0.25, twins="one", sha
     """Work of one LLM step relative to fft-aug's (one twin), counted in row passes: a forward is 1, a backward
     with parameter gradients 2, a backward w.r.t. the input only (PGD's, gradients w.r.t. delta) 1.
     Image- and text-heavy originals get a twin, or with twins="all" one of each of their task's training
-    interventions (train.py's TWINS: UF, MD; RI, FB, FW); they and their twins are the rows PGD/RG perturb.
+    interventions (dataloader.TWINS: UF, MD; RI, FB, FW); they and their twins are the rows PGD/RG perturb.
     share: the part of the attacked rows' positions PGD's passes run over (train.py --shortcuts: image-heavy
     rows from their first perturbed position on, after one forward over the rest); 1 runs them whole.
     final: the adversarial copies run over that part too, on the clean pass's prefix, which also serves PGD
@@ -188,7 +189,7 @@ def hook_logits(model, batch, delta, keep=None):
 
 def image_rows(batch, rows):
     """Some rows of a collated batch, image inputs included (the hook path runs the vision tower in every pass,
-    so unlike train.py's rows_of it needs them). Qwen's pixel_values are patches of all images end to end,
+    so unlike model.rows_of it needs them). Qwen's pixel_values are patches of all images end to end,
     image_grid_thw.prod(-1) of them per image (one image a row): the one family-specific line it takes."""
     idx, n = torch.tensor(rows), len(batch["input_ids"])
     out = {k: [v[r] for r in rows] if isinstance(v, list) else v[idx] for k, v in batch.items()
@@ -233,7 +234,7 @@ def hook_batch(data, processor, batch_size):
     rng = random.Random(0)
     rows += [perturb.perturb(s, "md", rng, pool="train") for s in by_task["image_heavy"][:q]]
     rows += [perturb.perturb(s, "fb", rng) for s in by_task["text_heavy"][:q]]
-    return M.collate(processor, rows)
+    return P.collate(processor, rows)
 
 
 def ours_pass(model, batch, hook, pgd_steps, laps):
@@ -426,11 +427,11 @@ def eval_bench(args):
     model, processor = M.load(folder)
     model.eval()
     jobs, ri = evaluate.load_data([os.path.join(os.path.dirname(train), "test.jsonl")], list(perturb.APPLIES))
-    size = M.image_size(processor)
+    size = P.image_size(processor)
 
     def apply(s, name, size=size):
         return perturb.perturb(s, name, evaluate.rng_for(0, s, name), size=size, ri_images=ri)
-    letters = M.option_token_ids(processor, max(len(s["options"]) for s, _ in jobs))
+    letters = P.option_token_ids(processor, max(len(s["options"]) for s, _ in jobs))
     lines = ["| task | interventions | rows | rows/s off | rows/s on | speed-up | max abs diff of probs |",
              "|---|---|---|---|---|---|---|"]
     for task in ("image_heavy", "text_heavy"):
@@ -449,7 +450,7 @@ def eval_bench(args):
                      f"{rate[True] / rate[False]:.2f}x | {diff:.1e} |")
     cores = len(os.sched_getaffinity(0))
     device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cores} cores)"
-    print(f"\nevaluate.py --score logits, {args.arch} LLaVA ({M.n_image_tokens(processor, (size, size))} image tokens "
+    print(f"\nevaluate.py --score logits, {args.arch} LLaVA ({P.n_image_tokens(processor, (size, size))} image tokens "
           f"a row), random weights, {device}, batches of {args.batch_size} jobs\n")
     print("\n".join(lines))
 

@@ -3,7 +3,8 @@ answer. delta_cp = mean over samples of [argmax P != argmax P'], P under `orig`,
 intervention, with a 95% bootstrap interval; also accuracy, mean total variation |P - P'|_TV and the
 worst-perturbation accuracy per source; where rows carry a "question_id" (MMBench's CircularEval passes),
 also circular_acc: the share of questions whose every pass is right. Writes diagnosis.json beside the
-predictions (SPEC section 5), one per input: NAME.diagnosis.json for a file NAME.jsonl not named predictions.jsonl.
+predictions (docs/format.md, 'Predictions'), one per input: NAME.diagnosis.json for a file NAME.jsonl not named
+predictions.jsonl.
   python diagnose.py out/eval/predictions.jsonl                     # one run
   python diagnose.py out/vanilla/predictions.jsonl out/ours/predictions.jsonl    # two runs side by side
   python diagnose.py --model out/toy/vanilla --data data/toy/test.jsonl --out out/eval   # evaluate first
@@ -50,7 +51,8 @@ def read(path):
                 raise DataError(f"{where}: not valid JSON ({e})") from None
             missing = [k for k in KEYS if k not in r] if isinstance(r, dict) else list(KEYS)
             if missing:
-                raise DataError(f"{where}: missing {', '.join(missing)} (each line is one SPEC section 5 object)")
+                raise DataError(f"{where}: missing {', '.join(missing)} (each line is one prediction: "
+                                "docs/format.md, 'Predictions')")
             name, probs, score = r["intervention"], r["probs"], r.get("score", "logits")
             if score not in SCORES:
                 raise DataError(f"{where}: score {score!r} is not one of {', '.join(SCORES)}")
@@ -245,7 +247,8 @@ def chart(path, summaries, names, sources, relative=False):
 
 
 def output_path(path):
-    """diagnosis.json beside predictions.jsonl (SPEC section 5); NAME.diagnosis.json beside any other NAME.jsonl."""
+    """diagnosis.json beside predictions.jsonl (docs/format.md, 'Predictions'); NAME.diagnosis.json beside any
+    other NAME.jsonl."""
     folder, name = os.path.split(os.path.abspath(path))
     if name == "predictions.jsonl":
         return os.path.join(folder, "diagnosis.json")

@@ -2,7 +2,7 @@
 answer distribution being the softmax over the option letters' next-token logits after the prompt
 (--score logits, the default), or, as the authors scored, a greedy answer generated and parsed for the
 option it names (--score generate; an answer that names none counts as wrong). Writes
-OUT/predictions.jsonl (SPEC section 5) and OUT/run.json (what determines the numbers: a run into an OUT
+OUT/predictions.jsonl (docs/format.md, 'Predictions') and OUT/run.json (what determines the numbers: a run into an OUT
 of other settings is refused, --resume continues only the same settings, --overwrite replaces).
   python evaluate.py --model out/toy/vanilla --data data/toy/test.jsonl --out out/eval
   python evaluate.py --model llava-1.5-7b --data data/mmlu --out out/gen --score generate --repetition-penalty 1.2
@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import model as M
 import perturb
+import prompts as P
 
 
 _last_print = [0.0]
@@ -115,9 +116,9 @@ def context_length(model):
 
 
 def prompts(processor, samples, max_length=None, room=0, style="ours"):
-    """The samples' prompts, right-padded (model.collate); `room` tokens are kept free for generated ones."""
+    """The samples' prompts, right-padded (prompts.collate); `room` tokens are kept free for generated ones."""
     try:
-        return M.collate(processor, samples, train=False, max_length=max_length and max_length - room, style=style)
+        return P.collate(processor, samples, train=False, max_length=max_length and max_length - room, style=style)
     except ValueError as e:  # past the context the positions are untrained: the numbers would mean nothing
         if "max_length" not in str(e):
             raise
@@ -135,7 +136,7 @@ def score(model, processor, samples, letter_ids, max_length=None, style="ours", 
     inputs = {k: v.to(device) for k, v in M.model_inputs(batch).items()}
     last = batch["attention_mask"].sum(1) - 1                 # right padding: the prompt's last token
     keep = batch["input_ids"].shape[1] - int(last.min())      # only the lm-head rows we need
-    if shortcuts and processor.family != M.GENERIC:
+    if shortcuts and processor.family != P.GENERIC:
         logits = shared_logits(model, samples, inputs, int(last.min()), keep)
     else:
         logits = model(**inputs, logits_to_keep=keep).logits
@@ -375,8 +376,8 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
         raise RunError(f"--batch-size {batch_size}: must be at least 1")
     if workers is not None and workers < 0:
         raise RunError(f"--workers {workers}: pass 0 (batches made in this process) or more")
-    if style not in M.STYLES:
-        raise RunError(f"--prompt {style}: pick one of {' '.join(M.STYLES)}")
+    if style not in P.STYLES:
+        raise RunError(f"--prompt {style}: pick one of {' '.join(P.STYLES)}")
     if scoring not in ("logits", "generate"):
         raise RunError(f"--score {scoring}: pick logits or generate")
     if scoring == "generate" and (max_new_tokens < 1 or repetition_penalty <= 0):
@@ -395,7 +396,7 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
         fam = loaded[1].family if loaded else M.checkpoint_family(M.where(model_name), generic=True)
     except ValueError as e:
         raise RunError(str(e)) from None
-    styles = ["ours"] if fam == M.GENERIC else [s for f, s in M.PROMPTS if f == fam]
+    styles = ["ours"] if fam == P.GENERIC else [s for f, s in P.PROMPTS if f == fam]
     if style not in styles:
         raise RunError(f"--prompt {style}: not written for the {fam} family; pick {' or '.join(styles)}")
     now = settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dtype, scoring, max_new_tokens,
@@ -415,10 +416,10 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
     done = verdict[1]
     model, processor = loaded or M.load(model_name, dtype=dtype, device=device, generic=True)
     model.eval()
-    if master and processor.family == M.GENERIC:
+    if master and processor.family == P.GENERIC:
         print(f"{model_name}: model type {processor.generic['model_type']!r} is in no row of model.FAMILIES: evaluated "
               "through the generic path (the prompt from its processor's chat template)", file=sys.stderr)
-    size = canvas_size or M.image_size(processor)  # of the canvases and random pixels
+    size = canvas_size or P.image_size(processor)  # of the canvases and random pixels
 
     def apply(s, name, size=size):
         return perturb.perturb(s, name, rng_for(seed, s, name), size=size, pool=pool, ri_images=ri_images, k=k_facts,
@@ -428,7 +429,7 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
     path = os.path.join(out, "predictions.jsonl")
     todo = [b for b in batches if not all((jobs[i][0]["id"], jobs[i][1]) in done for i in b)]
     todo = todo[-1:] + todo[:-1]  # the longest batch first: a sample past the context, or memory, fails at once
-    letter_ids = M.option_token_ids(processor, max(len(s["options"]) for s, _ in jobs), style=style)
+    letter_ids = P.option_token_ids(processor, max(len(s["options"]) for s, _ in jobs), style=style)
     max_length = context_length(model)
 
     def prepared(mine):
@@ -517,7 +518,8 @@ PROTOCOLS = {"ours": {}, "authors": dict(style="authors", scoring="generate", ma
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="alias (llava-1.5-7b, ...), hub id or local folder")
-    p.add_argument("--data", required=True, nargs="+", help="JSONL files (SPEC section 1), or folders: their test.jsonl")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="JSONL files (docs/format.md, 'A sample'), or folders: their test.jsonl")
     p.add_argument("--out", required=True, help="folder for predictions.jsonl")
     p.add_argument("--interventions", nargs="+", default=list(perturb.APPLIES), choices=list(perturb.APPLIES))
     p.add_argument("--batch-size", type=int, default=8)
@@ -546,7 +548,7 @@ def main(argv=None):
     p.add_argument("--score", dest="scoring", default="logits", choices=["logits", "generate"],
                    help="logits: softmax over the option letters' next-token logits (default); generate: a greedy "
                    "answer parsed for the option it names, unparsed ones counted wrong (the authors' protocol)")
-    p.add_argument("--prompt", dest="style", default="ours", choices=list(M.STYLES),
+    p.add_argument("--prompt", dest="style", default="ours", choices=list(P.STYLES),
                    help="how questions, options and answers are written: ours, or the authors' (their released "
                    "checkpoints were trained on it: system prompt, 'Option:' list, the bare letter)")
     p.add_argument("--max-new-tokens", type=int, default=10,

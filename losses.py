@@ -3,6 +3,7 @@ masked PGD in the input-embedding space (eq. 7), random Gaussian noise (the RG a
 modality mask that says which positions a perturbation may touch. No model code lives here.
 Read next to arXiv 2505.19616, section 4.
 """
+import hashlib
 import math
 
 import torch
@@ -20,6 +21,11 @@ def sft_loss(logits, labels, reduction="mean", shift=True):
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
 
 
+def answer_positions(labels):
+    """Positions whose next token is an answer token in some row: the only logits any loss needs."""
+    return (labels[:, 1:] != IGNORE).any(0).nonzero().flatten()
+
+
 def answer_logits(logits, labels, shift=True):
     """Logits that predict each answer token, left-aligned: (B, L, V) -> (B, A, V) and a (B, A) mask.
     A perturbation can shift positions (UF and MD prepend text), so pairs are aligned by answer order."""
@@ -34,28 +40,40 @@ def answer_logits(logits, labels, shift=True):
     return out, mask
 
 
+def kl(lo, lp, tau):
+    """eq. (9): KL(p || q) per answer token, p = softmax(l_orig / tau), q = softmax(l_pert / tau)."""
+    logp, logq = F.log_softmax(lo / tau, -1), F.log_softmax(lp / tau, -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def js(lo, lp, tau):
+    """0.5 KL(p || m) + 0.5 KL(q || m), m = (p + q) / 2; symmetric and bounded by ln 2."""
+    logp, logq = F.log_softmax(lo / tau, -1), F.log_softmax(lp / tau, -1)
+    logm = torch.logsumexp(torch.stack([logp, logq]), 0) - math.log(2)
+    return 0.5 * (logp.exp() * (logp - logm)).sum(-1) + 0.5 * (logq.exp() * (logq - logm)).sum(-1)
+
+
+def mse(lo, lp, tau):
+    """1/V sum_v (l_pert,v - l_orig,v)^2 on the raw logits; tau does not enter (it would only rescale the loss, as
+    lambda_cons does). The authors' MSE takes the final hidden states h instead (mean over D); logits are W h (no
+    bias in these LM heads), so both vanish together and differ only in weighting h's directions by what the head
+    reads out, and logits are all our pass computes at answer positions."""
+    return (lp - lo).pow(2).mean(-1)
+
+
+# The consistency kinds, each a divergence per answer token (N, A, V) x 2 -> (N, A): a new kind is a row here, and
+# train.py --cons offers every row
+CONSISTENCY = {"kl": kl, "js": js, "mse": mse}
+
+
 def consistency(logits_orig, logits_pert, kind="js", tau=1.0, mask=None, reduction="mean"):
     """Consistency between answer distributions of an original and a perturbed input.  (N, A, V) each.
-    kind="kl": eq. (9), KL(p || q) with p = softmax(l_orig / tau), q = softmax(l_pert / tau).
-    kind="js": 0.5 KL(p || m) + 0.5 KL(q || m), m = (p + q) / 2; symmetric and bounded by ln 2.
-    kind="mse": 1/V sum_v (l_pert,v - l_orig,v)^2 on the raw logits; tau does not enter (it would only rescale
-    the loss, as lambda_cons does). The authors' MSE takes the final hidden states h instead (mean over D);
-    logits are W h (no bias in these LM heads), so both vanish together and differ only in weighting h's
-    directions by what the head reads out, and logits are all our pass computes at answer positions.
-    The original side is a detached target (as in the authors' code): the model is pulled towards
-    its clean answer under perturbation, never the clean answer towards the perturbed one.
+    kind: a row of CONSISTENCY. The original side is a detached target (as in the authors' code): the model is
+    pulled towards its clean answer under perturbation, never the clean answer towards the perturbed one.
     mask (N, A) marks valid answer tokens; the value is the mean (or "sum") over them."""
-    logp = F.log_softmax(logits_orig.detach().float() / tau, -1)
-    logq = F.log_softmax(logits_pert.float() / tau, -1)
-    if kind == "mse":
-        per_token = (logits_pert.float() - logits_orig.detach().float()).pow(2).mean(-1)
-    elif kind == "kl":
-        per_token = (logp.exp() * (logp - logq)).sum(-1)
-    elif kind == "js":
-        logm = torch.logsumexp(torch.stack([logp, logq]), 0) - math.log(2)
-        per_token = 0.5 * (logp.exp() * (logp - logm)).sum(-1) + 0.5 * (logq.exp() * (logq - logm)).sum(-1)
-    else:
-        raise ValueError(f"consistency kind must be 'kl', 'js' or 'mse', got {kind!r}")
+    if kind not in CONSISTENCY:
+        raise ValueError(f"consistency kind must be one of {', '.join(CONSISTENCY)}, got {kind!r}")
+    per_token = CONSISTENCY[kind](logits_orig.detach().float(), logits_pert.float(), tau)
     if mask is not None:
         per_token = per_token[mask.bool()]
     return per_token.sum() if reduction == "sum" else per_token.sum() / max(per_token.numel(), 1)
@@ -79,6 +97,18 @@ def pgd(loss_fn, embeds, mask, eps=1e-3, alpha=0.1, steps=2, sign=False, generat
     return delta
 
 
+def noise_like(embeds, ids, seed, step, kind):
+    """Standard normal noise per row of embeds (B, L, D), seeded by (seed, step, the row's sample id, kind): the same
+    values whatever the padding, rank or process count, so one process and many compute the same step. PGD's
+    random start and RG's noise (noise=)."""
+    noise = torch.zeros_like(embeds)
+    for r, sid in enumerate(ids):
+        key = hashlib.sha256(f"{seed}/{step}/{sid}/{kind}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+        noise[r] = torch.randn(embeds.shape[1:], generator=g).to(embeds.device, embeds.dtype)
+    return noise
+
+
 def gaussian_noise(embeds, mask, sigma=0.05, generator=None, noise=None):
     """The RG ablation: delta ~ N(0, sigma^2) on the masked positions, zero elsewhere.  (B, L, D)"""
     if noise is None:
@@ -91,7 +121,7 @@ def modality_mask(tasks, image_mask, labels, attention_mask=None, sample=None):
     image_heavy: the text (never answer positions, which carry the supervision, nor padding);
     text_heavy: the image tokens; vqa: nothing, since both modalities matter.
     sample (B, L) bool, optional: the positions of each sample's own rendered text (question, options,
-    instruction: model.collate's `sample_mask`). Given, an image-heavy row's text is narrowed to them, so
+    instruction: prompts.collate's `sample_mask`). Given, an image-heavy row's text is narrowed to them, so
     the chat template's scaffolding (BOS, "USER:", Qwen's system prompt) stays clean: the paper perturbs
     X_T, the sample's text, which is also all the heuristic interventions change; and with the image and
     the template before the text, the positions before the first perturbed one are the clean pass's.

@@ -1,6 +1,6 @@
 """Samples and the paper's modality interventions (uf md rp ri fb fw) applied to them.
 
-load_samples() reads and checks a JSONL file (SPEC.md section 1); perturb(sample, name, rng)
+load_samples() reads and checks a JSONL file (docs/format.md, 'A sample'); perturb(sample, name, rng)
 returns a perturbed copy. Used by evaluate.py and train.py, e.g. perturb(s, "md", seed).
 """
 import functools
@@ -11,7 +11,6 @@ import os
 import random
 import re
 import string
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -21,8 +20,6 @@ from PIL import Image
 
 TASKS = ("image_heavy", "text_heavy", "vqa")
 LETTERS = string.ascii_uppercase
-APPLIES = {"orig": TASKS, "uf": ("image_heavy",), "md": ("image_heavy",), "rp": ("text_heavy",),
-           "ri": ("text_heavy",), "fb": ("text_heavy",), "fw": ("text_heavy",)}
 FACTS_FILE = Path(__file__).parent / "data" / "unrelated_facts.txt"
 # each family's processor expands these into image slots, so in a question they would misplace the image
 IMAGE_TOKENS = ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
@@ -47,7 +44,7 @@ def data_file(path, split):
 
 
 def load_samples(path, *, image_root=None, decode=False):
-    """The samples of a JSONL file, checked (SPEC section 1), image paths made absolute. An image path
+    """The samples of a JSONL file, checked (docs/format.md, 'A sample'), image paths made absolute. An image path
     must stay inside the file's folder or image_root as written (no "..", no absolute path elsewhere);
     a symlink placed there by the user is followed, as a dataset on another disk often is. decode=True
     also decodes every distinct image once, so a bad one stops the run before a model loads."""
@@ -81,7 +78,7 @@ def _decode_all(path, images):
     threads share the work; every image is tried, so the error can say how many more are bad."""
     workers = min(16, os.cpu_count() or 1) if len(images) > 32 else 1
     with ThreadPoolExecutor(workers) as pool:
-        bad = [(where, why) for where, why in zip(images.values(), pool.map(_unreadable, images)) if why]
+        bad = [(where, why) for where, why in zip(images.values(), pool.map(unreadable, images)) if why]
     if bad:
         (lineno, sid), why = bad[0]
         more = f"; {len(bad) - 1} more images are bad" if len(bad) > 1 else ""
@@ -96,19 +93,6 @@ def sha256(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_samples(path, samples, skipped=None):
-    """Write samples as JSONL and say what a converter kept and skipped, and why ({reason: count}).
-    Keeping nothing stops the converter (exit 1, no file written): an empty split is a wrong --src."""
-    skipped = skipped or {}
-    why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    summary = f"kept {len(samples)}, skipped {sum(skipped.values())}" + (f": {why}" if why else "")
-    if not samples:
-        sys.exit(f"error: {path}: {summary} (nothing to write; check --src and the converter's options)")
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
-    print(f"{path}: {summary}")
 
 
 def _nonempty_str(x):
@@ -192,7 +176,7 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def _unreadable(src):
+def unreadable(src):
     """Why PIL cannot fully decode the image at src (a path or file object), or None if it can."""
     try:
         with Image.open(src) as im:
@@ -200,40 +184,6 @@ def _unreadable(src):
         return None
     except Exception as e:  # OSError (garbage, truncated), SyntaxError, DecompressionBombError, struct.error...
         return f"{type(e).__name__}: {e}"
-
-
-def readable_image(src):
-    """Whether PIL can fully decode the image at src, a path or file object: a converter's check before it
-    keeps a sample. A truncated or garbage file, or one over PIL's decompression-bomb limit, is not."""
-    return _unreadable(src) is None
-
-
-def safe_name(text, folders=False):
-    """text from a dataset (a label, an index, a file name) as a file name that stays in the folder it is
-    joined to; folders=True keeps "/" as folder separators, each part made safe. A part of letters, digits,
-    _ - . (not leading .) is kept; any other has those characters replaced and a hash of the text added,
-    so two different texts never share a name: "../x.png" -> "_x-1b2c3d4e.png"."""
-    return "/".join(map(safe_name, str(text).split("/"))) if folders else _safe_part(str(text))
-
-
-def _safe_part(part):
-    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", part):
-        return part
-    stem, ext = os.path.splitext(part)
-    ext = ext if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", ext) else ""
-    digest = hashlib.sha256(part.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', stem)[:60] or '_'}-{digest}{ext}"
-
-
-def inside(out, path):
-    """path, checked to stay under the folder out once joined and normalised: every path a converter writes
-    goes through here. Lexical, not resolved, so an out/images that links to a bigger disk still works."""
-    root = os.path.normpath(os.path.abspath(out))
-    full = os.path.normpath(os.path.join(root, path))
-    if os.path.commonpath([root, full]) != root:
-        raise DataError(f"{path}: would be written outside {out} (a name from the source was not made safe: "
-                        f"pass it through perturb.safe_name)")
-    return full
 
 
 def random_pixels(key, size):
@@ -306,7 +256,7 @@ def render(sample):
 def interventions_for(task):
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
-    return [name for name, tasks in APPLIES.items() if task in tasks]
+    return [name for name, row in INTERVENTIONS.items() if task in row.tasks]
 
 
 def ri_pool(samples=None, folder=None):
@@ -356,50 +306,42 @@ def _uf(sample, rng, o):
     return _new(sample, question=" ".join(drawn) + " " + sample["question"])
 
 
+def _uf_longest(sample, facts, k, pool, replace):
+    """With the first k of `facts` (longest first) that name no option, or with replace=True the first one k times."""
+    usable = (f for f in facts if not mentions(f, sample["options"]))
+    chosen = list(itertools.islice(usable, 1)) * k if replace else list(itertools.islice(usable, max(k, 0)))
+    if not 1 <= k == len(chosen):  # raises its error: too few facts, or k < 1
+        _uf(sample, random.Random(0), Options(pool=pool, k=k, facts=facts, replace=replace))
+    return " ".join(chosen) + " " + sample["question"]
+
+
+def _md_texts(sample, wrong, templates):
+    """[(option, text)] MD may prepend, in the order it tries them: wrong options in the order of `wrong`. A
+    prewritten description beats a template, so the draw is among the wrong options that have a usable one; any
+    text that names the right option (right "cat", wrong "cat food") would make MD a hint, not a lie."""
+    right, facts = [sample["options"][sample["answer"]]], sample.get("facts") or {}
+    described = [(i, d) for i in wrong if (d := facts.get(str(i))) and not mentions(d, right)]
+    texts = described or [(i, text) for i in wrong for t in templates
+                          if not mentions(text := t.format(wrong=sample["options"][i]), right)]
+    if not texts:
+        raise ValueError(f"md: every wrong option of sample {sample['id']!r} would name the answer "
+                         f"{right[0]!r} (reword the options or skip md for this sample)")
+    return texts
+
+
 def _md(sample, rng, o):
-    right = [sample["options"][sample["answer"]]]
     wrong = [i for i in range(len(sample["options"])) if i != sample["answer"]]
     rng.shuffle(wrong)
     templates = md_templates(o.pool)
     rng.shuffle(templates)
-    # a prewritten description beats a template, so the draw is among the wrong options that have a
-    # usable one; any text that names the right option (right "cat", wrong "cat food") would make MD
-    # a hint, not a lie
-    facts = sample.get("facts") or {}
-    for i in wrong:
-        text = facts.get(str(i))
-        if text and not mentions(text, right):
-            return _new(sample, question=text + " " + sample["question"], md_option=i)
-    for i in wrong:
-        for text in (t.format(wrong=sample["options"][i]) for t in templates):
-            if not mentions(text, right):
-                return _new(sample, question=text + " " + sample["question"], md_option=i)
-    raise ValueError(f"md: every wrong option of sample {sample['id']!r} would name the answer "
-                     f"{right[0]!r} (reword the options or skip md for this sample)")
+    i, text = _md_texts(sample, wrong, templates)[0]
+    return _new(sample, question=text + " " + sample["question"], md_option=i)
 
 
-def longest(sample, name, facts=None, k=10, pool="train", replace=False):
-    """The longest question UF or MD can give sample, a draw each can make: UF with the first k of `facts`
-    (the facts UF draws from, longest first, e.g. in tokens) that name no option, or with replace=True the
-    first one k times; MD with the longest text _md can choose (a usable prewritten description if the sample
-    has one, else a template). What train.py measures against --max-length before the model loads; _uf's or
-    _md's error where they would fail."""
-    if name == "uf":
-        usable = (f for f in facts if not mentions(f, sample["options"]))
-        chosen = list(itertools.islice(usable, 1)) * k if replace else list(itertools.islice(usable, max(k, 0)))
-        if not 1 <= k == len(chosen):  # raises its error: too few facts, or k < 1
-            _uf(sample, random.Random(0), Options(pool=pool, k=k, facts=facts, replace=replace))
-        text = " ".join(chosen)
-    else:
-        right = [sample["options"][sample["answer"]]]
-        wrong = [i for i in range(len(sample["options"])) if i != sample["answer"]]
-        described = [d for i in wrong if (d := (sample.get("facts") or {}).get(str(i))) and not mentions(d, right)]
-        texts = described or [text for i in wrong for t in md_templates(pool)
-                               if not mentions(text := t.format(wrong=sample["options"][i]), right)]
-        if not texts:
-            _md(sample, random.Random(0), Options(pool=pool))
-        text = max(texts, key=len)
-    return _new(sample, question=text + " " + sample["question"])
+def _md_longest(sample, facts, k, pool, replace):
+    """The longest text _md can choose, over every order its draw can take."""
+    wrong = [i for i in range(len(sample["options"])) if i != sample["answer"]]
+    return max((text for _, text in _md_texts(sample, wrong, md_templates(pool))), key=len) + " " + sample["question"]
 
 
 def _ri(sample, rng, o):
@@ -413,8 +355,38 @@ def _canvas(sample, rng, o, *, value):
     return _new(sample, image=canvas(value, o.size))
 
 
-INTERVENTIONS = {"orig": _orig, "uf": _uf, "md": _md, "rp": _orig, "ri": _ri,
-                 "fb": functools.partial(_canvas, value=0), "fw": functools.partial(_canvas, value=255)}
+# One row per intervention, the one place a variant plugs in: perturb, longest, interventions_for, twins and
+# APPLIES read it, and its order is evaluate's order and the one training's random.choice draws a twin from.
+# apply(sample, rng, Options): the perturbed copy. tasks: those it applies to. twin: training may draw it as a
+# twin (orig is the original itself, rp a text-heavy original's own pixels). longest(sample, facts, k, pool,
+# replace): the longest question it can give, for the --max-length check; None where the text stays.
+Intervention = NamedTuple("Intervention", [("apply", object), ("tasks", tuple), ("twin", bool), ("longest", object)])
+INTERVENTIONS = {"orig": Intervention(_orig, TASKS, False, None),
+                 "uf": Intervention(_uf, ("image_heavy",), True, _uf_longest),
+                 "md": Intervention(_md, ("image_heavy",), True, _md_longest),
+                 "rp": Intervention(_orig, ("text_heavy",), False, None),
+                 "ri": Intervention(_ri, ("text_heavy",), True, None),
+                 "fb": Intervention(functools.partial(_canvas, value=0), ("text_heavy",), True, None),
+                 "fw": Intervention(functools.partial(_canvas, value=255), ("text_heavy",), True, None)}
+APPLIES = {name: row.tasks for name, row in INTERVENTIONS.items()}  # the tasks column, as evaluate/diagnose read it
+
+
+def twins():
+    """{task: the interventions training may draw as its samples' twins}, in table order (dataloader.TWINS)."""
+    by_task = {t: tuple(n for n, row in INTERVENTIONS.items() if row.twin and t in row.tasks) for t in TASKS}
+    return {t: names for t, names in by_task.items() if names}
+
+
+def longest(sample, name, facts=None, k=10, pool="train", replace=False):
+    """sample with the longest question intervention `name` can give it (its row's bound), a draw it can make; UF
+    takes `facts` longest first (e.g. in tokens). What train.py measures against --max-length before the model
+    loads; the intervention's own error where it would fail."""
+    bound = INTERVENTIONS[name].longest if name in INTERVENTIONS else None
+    if bound is None:  # never another intervention's bound: a wrong bound would pass rows that do not fit
+        why = "has no longest-row bound (its text stays)" if name in INTERVENTIONS else "is unknown"
+        raise ValueError(f"intervention {name!r} {why}; those with a bound: "
+                         f"{', '.join(n for n, row in INTERVENTIONS.items() if row.longest)}")
+    return _new(sample, question=bound(sample, facts, k, pool, replace))
 
 
 def perturb(sample, name, rng, *, size=336, pool="eval", ri_images=None, k=10, facts=None, replace=False):
@@ -425,10 +397,10 @@ def perturb(sample, name, rng, *, size=336, pool="eval", ri_images=None, k=10, f
     k facts with replacement (as the authors do), so k may exceed their number."""
     if name not in INTERVENTIONS:
         raise ValueError(f"unknown intervention {name!r} (choose from {', '.join(INTERVENTIONS)})")
-    if sample["task"] not in APPLIES[name]:
+    if sample["task"] not in INTERVENTIONS[name].tasks:
         raise ValueError(f"intervention {name!r} does not apply to task {sample['task']!r} "
-                         f"(it applies to {', '.join(APPLIES[name])})")
+                         f"(it applies to {', '.join(INTERVENTIONS[name].tasks)})")
     _check_pool(pool)
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     options = Options(size, pool, ri_images, k, None if facts is None else list(facts), replace)
-    return {**INTERVENTIONS[name](sample, rng, options), "intervention": name}
+    return {**INTERVENTIONS[name].apply(sample, rng, options), "intervention": name}

@@ -25,6 +25,7 @@ from PIL import Image
 import losses
 import model as M
 import perturb
+import prompts as P
 from perturb import APPLIES, TASKS, DataError
 from tiny import make_tiny, make_tokenizer
 
@@ -87,7 +88,7 @@ def test_consistency_gradient_flows_through_the_perturbed_side_only():
     b = torch.randn(2, 1, 5, requires_grad=True)
     losses.consistency(a, b, "js").backward()
     assert a.grad is None and b.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="'kl', 'js' or 'mse'"):
+    with pytest.raises(ValueError, match="must be one of kl, js, mse, got 'l1'"):
         losses.consistency(a, b, "l1")
 
 
@@ -457,6 +458,48 @@ def test_unknown_intervention_lists_the_valid_names():
         perturb.perturb(_sample(), "noise", 0)
 
 
+@pytest.mark.parametrize("name", ["noise", "orig", "rp", "ri", "fb", "fw"])
+def test_longest_refuses_a_name_without_a_bound_never_falls_back_to_md(name):
+    """Unknown, or an image-only intervention whose text never changes: a ValueError naming it, not MD's bound."""
+    with pytest.raises(ValueError, match=f"'{name}'.*uf, md"):
+        perturb.longest(_sample(), name, sorted(perturb.unrelated_facts("train"), key=len, reverse=True), k=3)
+
+
+def test_training_twins_are_the_table_s_twin_column_in_the_old_order():
+    import dataloader
+    # random.choice draws from these tuples: their order is part of what a seed trains on
+    assert dataloader.TWINS == perturb.twins() == {"image_heavy": ("uf", "md"), "text_heavy": ("ri", "fb", "fw")}
+    assert list(dataloader.TWINS) == ["image_heavy", "text_heavy"]
+    assert APPLIES == {n: row.tasks for n, row in perturb.INTERVENTIONS.items()}
+
+
+def test_a_new_intervention_plugs_in_as_one_row_of_the_table(monkeypatch):
+    """One row is all a variant needs: perturb applies it to its tasks only, training takes it as a twin of its
+    task, the length pre-check takes its own bound, and a row with no bound is refused there."""
+    def shout(sample, rng, o):
+        return perturb._new(sample, question=sample["question"].upper() + "!" * rng.randint(1, 3))
+
+    def loudest(sample, facts, k, pool, replace):
+        return sample["question"].upper() + "!!!"
+
+    monkeypatch.setitem(perturb.INTERVENTIONS, "shout", perturb.Intervention(shout, ("image_heavy",), True, loudest))
+    gray = perturb.Intervention(lambda sample, rng, o: perturb._new(sample, image=perturb.canvas(128, o.size)),
+                                ("text_heavy",), False, None)  # image only: no bound
+    monkeypatch.setitem(perturb.INTERVENTIONS, "gray", gray)
+    s = _sample()
+    out = perturb.perturb(s, "shout", 0)
+    assert out["intervention"] == "shout" and out["question"].startswith("WHICH ONE IS IT?!") and s == _sample()
+    assert perturb.longest(s, "shout")["question"] == "WHICH ONE IS IT?!!!"
+    assert max(len(perturb.perturb(s, "shout", seed)["question"]) for seed in range(20)) <= len("WHICH ONE IS IT?!!!")
+    assert perturb.interventions_for("image_heavy") == ["orig", "uf", "md", "shout"]
+    assert perturb.twins() == {"image_heavy": ("uf", "md", "shout"), "text_heavy": ("ri", "fb", "fw")}
+    assert perturb.perturb(_sample("text_heavy"), "gray", 0, size=4)["image"].getpixel((0, 0)) == (128, 128, 128)
+    with pytest.raises(ValueError, match="'shout'.*text_heavy"):
+        perturb.perturb(_sample("text_heavy"), "shout", 0)
+    with pytest.raises(ValueError, match="'gray'.*uf, md, shout"):
+        perturb.longest(_sample("text_heavy"), "gray")
+
+
 def test_orig_leaves_image_heavy_and_vqa_samples_unchanged():
     for task in ("image_heavy", "vqa"):
         s = _sample(task, image="/x/y.png")
@@ -558,7 +601,7 @@ def test_load_samples_decode_names_the_line_and_sample_of_a_bad_image(tmp_path):
         assert len(perturb.load_samples(path)) == 3  # without decode only paths are checked
         with pytest.raises(DataError, match=rf"^{re.escape(path)}:3: the image of sample 'bad' cannot be decoded"):
             perturb.load_samples(path, decode=True)
-        assert not perturb.readable_image(tmp_path / "images" / name)
+        assert perturb.unreadable(tmp_path / "images" / name)  # the converters' check too (data/common.py)
         with pytest.raises(DataError, match=name):
             perturb.load_image({"id": "bad", "image": str(tmp_path / "images" / name)})
     many = [{**rows[1], "id": f"ok-{i}", "image": str(_image(tmp_path / "many" / f"{i}.png"))} for i in range(40)]
@@ -597,7 +640,7 @@ def _samples():
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_logits_of_embed_equal_the_models_own_forward(tiny, fam):
     m, p, _ = tiny(fam)
-    batch = M.collate(p, _samples())
+    batch = P.collate(p, _samples())
     assert len(set(batch["attention_mask"].sum(1).tolist())) == 3  # rows of different lengths: padding matters
     with torch.no_grad():
         ref = m(**M.model_inputs(batch)).logits
@@ -613,7 +656,7 @@ def test_logits_of_embed_equal_the_models_own_forward(tiny, fam):
 def test_labels_cover_exactly_the_answer_tokens(tiny, fam):
     m, p, _ = tiny(fam)
     samples = _samples()
-    batch = M.collate(p, samples)
+    batch = P.collate(p, samples)
     tok = p.tokenizer
     for row, s in enumerate(samples):
         n = int(batch["attention_mask"][row].sum())
@@ -622,9 +665,9 @@ def test_labels_cover_exactly_the_answer_tokens(tiny, fam):
         assert tok.convert_ids_to_tokens(batch["labels"][row, where].tolist()) == [perturb.LETTERS[s["answer"]],
                                                                                    tok.eos_token]
         assert batch["labels"][row, where].tolist() == batch["input_ids"][row, where].tolist()
-    letters = M.option_token_ids(p, 4)
+    letters = P.option_token_ids(p, 4)
     assert tok.convert_ids_to_tokens(letters) == ["A", "B", "C", "D"]
-    plain = M.collate(p, samples, train=False)
+    plain = P.collate(p, samples, train=False)
     assert (plain["labels"] == -100).all()
     assert plain["input_ids"].shape[1] == batch["input_ids"].shape[1] - 2
     # the loss transformers computes from these labels is our sft_loss
@@ -636,7 +679,7 @@ def test_labels_cover_exactly_the_answer_tokens(tiny, fam):
 def test_a_sequence_longer_than_max_length_is_an_error_naming_the_sample(tiny):
     _, p, _ = tiny("llava")
     with pytest.raises(ValueError, match="img-1.*max_length=10"):
-        M.collate(p, _samples()[:1], max_length=10)
+        P.collate(p, _samples()[:1], max_length=10)
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -670,17 +713,17 @@ def test_tiny_checkpoint_loads_with_plain_transformers(tiny, fam):
     assert os.path.exists(os.path.join(folder, "model.safetensors"))
     plain = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
     assert type(plain) is type(m)
-    batch = M.collate(p, _samples())
+    batch = P.collate(p, _samples())
     with torch.no_grad():
         assert torch.equal(plain(**M.model_inputs(batch)).logits, m(**M.model_inputs(batch)).logits)
-    if fam != "qwen2.5-vl":  # a Qwen processor needs torchvision (SPEC section 6)
+    if fam != "qwen2.5-vl":  # a Qwen processor needs torchvision (docs/format.md, 'Output folders')
         plain_processor = transformers.AutoProcessor.from_pretrained(folder)  # ours may add to it (InstructBLIP)
         assert isinstance(p, type(plain_processor)) and type(plain_processor).__module__.startswith("transformers")
 
 
 def test_pgd_on_a_tiny_model_raises_the_loss_and_leaves_parameter_grads(tiny):
     m, p, _ = tiny("llava")
-    batch = M.collate(p, _samples())
+    batch = P.collate(p, _samples())
     embeds, image_mask = M.embed(m, batch)
     mask = losses.modality_mask(batch["tasks"], image_mask, batch["labels"], batch["attention_mask"])
     assert mask[0].any() and mask[1].any() and not mask[2].any()
@@ -705,7 +748,7 @@ def test_pgd_on_a_tiny_model_raises_the_loss_and_leaves_parameter_grads(tiny):
 # ---- evaluate and diagnose -------------------------------------------------------------------------------
 
 def _write_dataset(folder, n=6):
-    """A few image-heavy, text-heavy and VQA samples in SPEC section 1 format, images on disk."""
+    """A few image-heavy, text-heavy and VQA samples (docs/format.md, 'A sample'), images on disk."""
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     colors = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
     rows = []
@@ -736,8 +779,8 @@ def test_evaluate_probs_are_a_softmax_over_the_letter_logits(tiny, tmp_path):
     ri = perturb.ri_pool(list(samples.values()))
     for r in rows:  # one sample at a time, the whole logits tensor, the letters picked by hand
         s = perturb.perturb(samples[r["id"]], r["intervention"], evaluate.rng_for(0, samples[r["id"]], r["intervention"]),
-                            size=M.image_size(p), ri_images=ri)
-        b = M.collate(p, [s], train=False)
+                            size=P.image_size(p), ri_images=ri)
+        b = P.collate(p, [s], train=False)
         with torch.no_grad():
             last = m(**M.model_inputs(b)).logits[0, -1]
         letters = [p.tokenizer.convert_tokens_to_ids(perturb.LETTERS[i]) for i in range(len(s["options"]))]

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import perturb
+from data import common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -233,7 +234,7 @@ def test_converters_write_nothing_outside_out_whatever_names_the_source_holds(tm
     written = [p for p in tmp_path.rglob("*") if p.is_file() and (tmp_path / "out") not in p.parents]
     assert not [p for p in written if p.name.startswith("ESCAPED")]
     with pytest.raises(perturb.DataError, match="outside"):
-        perturb.inside(tmp_path / "out", "images/../../x.png")
+        common.inside(tmp_path / "out", "images/../../x.png")
 
 
 def test_images_with_one_basename_in_two_folders_stay_two_images(tmp_path):
@@ -598,7 +599,7 @@ def test_authors_layout_options_in_letter_order_and_facts_by_index(tmp_path):
         {"id": "e5", "question": "What?", "image": "gone.jpg", "multiple_choices": {"A": "x", "B": "y"},
          "multiple_choices_answer": "A"},
         {"id": "f6", "question": "What?", "image": "image_0002.jpg", "multiple_choices": {"A": "x", "B": "y"},
-         "multiple_choices_answer": "A"}])  # a split that keeps nothing is an error (perturb.write_samples)
+         "multiple_choices_answer": "A"}])  # a split that keeps nothing is an error (common.write_samples)
     res = _run("authors", "--src", folder, "--task", "image_heavy", "--out", tmp_path / "out")
     assert "train.jsonl: kept 2, skipped 0" in res.stdout
     assert "test.jsonl: kept 1, skipped 1: 1 missing image" in res.stdout

@@ -12,6 +12,7 @@ from PIL import Image
 
 import model as M
 import perturb
+import prompts as P
 from test_core import _write_dataset
 from test_train import _metrics, _train, toy  # noqa: F401 (toy: the toy data, a pytest fixture)
 from tiny import INTERNVL_TOKENS, make_tiny
@@ -60,7 +61,7 @@ def test_a_tiny_checkpoint_loads_as_its_family_from_config_json(tiny, fam):
 def test_logits_of_embed_equal_the_models_own_forward_and_each_sample_alone(tiny, fam):
     m, p, _ = tiny(fam)
     samples = _samples()
-    batch = M.collate(p, samples)
+    batch = P.collate(p, samples)
     n = batch["attention_mask"].sum(1).tolist()
     assert len(set(n)) == 3  # rows of different lengths: padding matters
     with torch.no_grad():
@@ -68,16 +69,16 @@ def test_logits_of_embed_equal_the_models_own_forward_and_each_sample_alone(tiny
         embeds, image_mask = M.embed(m, batch)
         got = M.logits(m, embeds, batch)
         again = M.logits(m, embeds, batch)  # no state carried from one call to the next (Qwen's rope_deltas)
-        alone = [m(**M.model_inputs(M.collate(p, [s]))).logits[0] for s in samples]
+        alone = [m(**M.model_inputs(P.collate(p, [s]))).logits[0] for s in samples]
     assert torch.allclose(got, ref, atol=1e-5) and torch.equal(got, again)
     for row, one in enumerate(alone):  # the padded batch (image tiles included) changes no sample's logits
         assert one.shape[0] == n[row] and torch.allclose(ref[row, :n[row]], one, atol=1e-5)
     ids = batch["input_ids"]
     assert image_mask.tolist() == (ids == m.config.image_token_id).tolist()
-    size = M.image_size(p)
+    size = P.image_size(p)
     sizes = [s["image"].size if s["image"] else (size, size) for s in samples]
     markers = 2 * (fam == "internvl")  # InternVL's processor inserts <img> and </img> around an image's tokens
-    assert image_mask.sum(1).tolist() == [M.n_image_tokens(p, wh) - markers for wh in sizes]
+    assert image_mask.sum(1).tolist() == [P.n_image_tokens(p, wh) - markers for wh in sizes]
     assert len(set(image_mask.sum(1).tolist())) == 3  # the image tokens follow the image's size
     if fam == "internvl":  # tiles of the encoder's size (and a thumbnail), image_seq_length tokens each
         tiles = [p.image_processor(Image.new("RGB", wh), crop_to_patches=True, return_tensors="pt")["pixel_values"]
@@ -107,14 +108,14 @@ def test_each_family_renders_its_chat_templates_text(tiny):
                 "internvl": f"<|im_start|>user\n<IMG_CONTEXT>\n{text}<|im_end|>\n<|im_start|>assistant\n"}
     for fam in FAMILIES:
         p = tiny(fam)[1]
-        assert M.prompt_text(p, s) == expected[fam]
+        assert P.prompt_text(p, s) == expected[fam]
         if fam == "qwen2-vl":  # the authors diagnosed it (Table 7) through its template with their system prompt
-            assert M.prompt_text(p, s, style="authors") == (
-                f"<|im_start|>system\n{M.AUTHORS_SYSTEM_EVAL}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
-                f"<|image_pad|><|vision_end|>{M.render_authors(s)}<|im_end|>\n<|im_start|>assistant\n")
+            assert P.prompt_text(p, s, style="authors") == (
+                f"<|im_start|>system\n{P.AUTHORS_SYSTEM_EVAL}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                f"<|image_pad|><|vision_end|>{P.render_authors(s)}<|im_end|>\n<|im_start|>assistant\n")
             continue
         with pytest.raises(ValueError, match=f"not written for the {fam} family: use 'ours'"):
-            M.prompt_text(p, s, style="authors")  # the authors trained and released none of these
+            P.prompt_text(p, s, style="authors")  # the authors trained and released none of these
 
 
 # OpenGVLab/InternVL3-{1B,2B,14B}-hf chat_template.jinja (481 bytes, "Update processor (#2)"), as transformers'
@@ -132,7 +133,7 @@ def test_internvl_prompt_is_what_its_hub_chat_template_renders(tiny):
     assert len(INTERNVL_TEMPLATE.encode()) == 481
     for s in _samples()[:2]:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": perturb.render(s)}]}]
-        assert M.prompt_text(p, s) == p.tokenizer.apply_chat_template(
+        assert P.prompt_text(p, s) == p.tokenizer.apply_chat_template(
             messages, chat_template=INTERNVL_TEMPLATE, tokenize=False, add_generation_prompt=True)
 
 
@@ -145,17 +146,17 @@ def test_internvl_on_the_real_tokenizer_gives_the_hub_ids():
     tok = transformers.AutoTokenizer.from_pretrained(folder, extra_special_tokens=INTERNVL_TOKENS)
     tok.add_tokens(["<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"], special_tokens=True)
     assert tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"]) == [151665, 151666, 151667]
-    p = M.InternVLImageProcessor(GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}), tok)
+    p = P.InternVLImageProcessor(GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}), tok)
     p.family = "internvl"
     s = dict(_samples()[0], image=Image.new("RGB", (448, 448)))
-    batch = M.collate(p, [s])
+    batch = P.collate(p, [s])
     ids = batch["input_ids"][0].tolist()
     # <|im_start|> user \n <img> <IMG_CONTEXT> x 256 </img> \n ... <|im_end|> \n <|im_start|> assistant \n C <|im_end|>
     assert ids[:4] == [151644, 872, 198, 151665] and ids.count(151667) == 256 and ids[260:262] == [151666, 198]
     assert ids[-7:] == [151645, 198, 151644, 77091, 198, 34, 151645]  # the answer C (34), then <|im_end|>
     assert (batch["labels"][0] != -100).nonzero().flatten().tolist() == [len(ids) - 2, len(ids) - 1]
-    assert M.option_token_ids(p, 4) == [32, 33, 34, 35]  # "A" to "D"
-    assert M.n_image_tokens(p, (448, 448)) == 258 and M.n_image_tokens(p, (900, 448)) == 3 * 256 + 2
+    assert P.option_token_ids(p, 4) == [32, 33, 34, 35]  # "A" to "D"
+    assert P.n_image_tokens(p, (448, 448)) == 258 and P.n_image_tokens(p, (900, 448)) == 3 * 256 + 2
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -163,12 +164,12 @@ def test_lengths_are_the_lengths_collate_gives(tiny, fam):
     _, p, _ = tiny(fam)
     samples = _samples() + [dict(_samples()[0], id="tall", image=Image.new("RGB", (20, 90))),
                             dict(_samples()[1], id="chat", options=None, answer="a green shape")]
-    size = M.image_size(p)
+    size = P.image_size(p)
     sizes = [s["image"].size if s["image"] else (size, size) for s in samples]
     for train in (True, False):
-        collated = [M.collate(p, [s], train=train)["attention_mask"].shape[1] for s in samples]
-        assert M.lengths(p, samples, sizes, train) == collated
-    assert len({M.n_image_tokens(p, wh) for wh in sizes}) >= 3
+        collated = [P.collate(p, [s], train=train)["attention_mask"].shape[1] for s in samples]
+        assert P.lengths(p, samples, sizes, train) == collated
+    assert len({P.n_image_tokens(p, wh) for wh in sizes}) >= 3
 
 
 @pytest.mark.parametrize("fam", TRAINED)
@@ -206,9 +207,9 @@ def test_evaluate_writes_a_softmax_over_the_letter_logits(tiny, tmp_path, fam):
     ri = perturb.ri_pool(list(samples.values()))
     for r in rows[::3]:  # one sample at a time, the whole logits tensor, the letters picked by hand
         s = perturb.perturb(samples[r["id"]], r["intervention"], evaluate.rng_for(0, samples[r["id"]], r["intervention"]),
-                            size=M.image_size(p), ri_images=ri)
+                            size=P.image_size(p), ri_images=ri)
         with torch.no_grad():
-            last = m(**M.model_inputs(M.collate(p, [s], train=False))).logits[0, -1]
+            last = m(**M.model_inputs(P.collate(p, [s], train=False))).logits[0, -1]
         letters = [p.tokenizer.convert_tokens_to_ids(perturb.LETTERS[i]) for i in range(len(s["options"]))]
         assert torch.allclose(torch.tensor(r["probs"]), torch.softmax(last[letters], -1), atol=1e-5)
     assert len(open(tmp_path / "out" / "predictions.jsonl").readlines()) == len(rows)

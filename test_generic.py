@@ -18,6 +18,7 @@ import diagnose
 import evaluate
 import model as M
 import perturb
+import prompts as P
 
 # HuggingFaceM4/Idefics3-8B-Llama3's chat template (the DEFAULT_CHAT_TEMPLATE of transformers' modernvbert, which
 # copies it; transformers' tests/models/idefics3/test_processing_idefics3.py has the same with <|im_start|>):
@@ -147,14 +148,14 @@ def test_generic_evaluate_scores_the_models_own_next_token_logits_and_diagnose_r
 def test_generic_prompt_and_tokens_are_the_chat_templates_own(idefics3):
     folder, _, processor, data = idefics3
     p = M.load_processor(folder, generic=True)
-    assert p.family == M.GENERIC and M.image_size(p) == 32  # the vision encoder's image_size
+    assert p.family == P.GENERIC and P.image_size(p) == 32  # the vision encoder's image_size
     for s in perturb.load_samples(data):
         own_text = processor.apply_chat_template(_user(perturb.render(s)), add_generation_prompt=True)
-        assert M.prompt_text(p, s) == own_text
+        assert P.prompt_text(p, s) == own_text
         image = perturb.load_image(s, 32)
         own = processor.apply_chat_template(_user(perturb.render(s), image), add_generation_prompt=True, tokenize=True,
                                             return_dict=True, return_tensors="pt")
-        batch = M.collate(p, [s], train=False)
+        batch = P.collate(p, [s], train=False)
         assert batch["input_ids"].tolist() == own["input_ids"].tolist()  # one BOS: the template writes it
         assert torch.equal(batch["pixel_values"], own["pixel_values"])
         assert torch.equal(batch["pixel_attention_mask"], own["pixel_attention_mask"])
@@ -177,14 +178,14 @@ def test_generic_image_tokens_follow_the_processors_tiles(idefics3):
     folder, _, processor, data = idefics3
     p = M.load_processor(folder, generic=True)
     sizes = [(40, 30), (20, 70), (64, 64), (10, 10), (100, 20)]
-    counts = [M.n_image_tokens(p, wh) for wh in sizes]
+    counts = [P.n_image_tokens(p, wh) for wh in sizes]
     assert counts == [processor._get_num_multimodal_tokens(image_sizes=[wh[::-1]])["num_image_tokens"][0]
                       for wh in sizes]  # transformers' own count of each size's tiles
     assert len(set(counts)) > 1  # the tiles, and so the tokens, depend on the size
     samples = perturb.load_samples(data, decode=True)
     wh = [Image.open(s["image"]).size if s["image"] else (32, 32) for s in samples]
-    got = [M.collate(p, [s], train=False)["attention_mask"].sum().item() for s in samples]
-    assert M.lengths(p, samples, wh, train=False) == got
+    got = [P.collate(p, [s], train=False)["attention_mask"].sum().item() for s in samples]
+    assert P.lengths(p, samples, wh, train=False) == got
 
 
 def test_training_refuses_a_model_type_in_no_table_and_evaluate_refuses_what_it_cannot_load(idefics3, tmp_path):
@@ -193,7 +194,7 @@ def test_training_refuses_a_model_type_in_no_table_and_evaluate_refuses_what_it_
         with pytest.raises(ValueError, match=r"'idefics3' is in no row of model.FAMILIES .*evaluate.py diagnoses it "
                                              r"through the generic path.*training needs a FAMILIES row"):
             refuse(folder)
-    assert M.checkpoint_family(folder, generic=True) == M.GENERIC
+    assert M.checkpoint_family(folder, generic=True) == P.GENERIC
     with pytest.raises(evaluate.RunError, match="--prompt authors: not written for the generic family; pick ours"):
         evaluate.run(folder, [data], str(tmp_path / "a"), style="authors")
     other = tmp_path / "bert"

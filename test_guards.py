@@ -9,6 +9,7 @@ import os
 import pytest
 
 import model as M
+import prompts as P
 import toy
 from tiny import make_tiny
 
@@ -52,4 +53,4 @@ def test_mistyped_local_path_fails_at_once_and_processor_loads_alone(tmp_path, m
     assert M.where("out/base") == "out/base"
     os.remove(os.path.join(folder, "model.safetensors"))  # the processor alone never reads the weights
     processor = M.load_processor(folder)
-    assert processor.family == "llava" and M.image_size(processor) == 32
+    assert processor.family == "llava" and P.image_size(processor) == 32

@@ -9,6 +9,7 @@ from PIL import Image
 import bench
 import losses
 import model as M
+import prompts as P
 from tiny import make_tiny
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
@@ -43,7 +44,7 @@ def _samples():
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_hook_path_gives_todays_logits_losses_and_delta_gradient(tiny, fam):
     m, p = tiny(fam)
-    batch = M.collate(p, _samples())
+    batch = P.collate(p, _samples())
     labels, n = batch["labels"], len(batch["labels"])
     with torch.no_grad():
         embeds, image_mask = M.embed(m, batch)
@@ -88,9 +89,9 @@ def test_hook_path_gives_todays_logits_losses_and_delta_gradient(tiny, fam):
 
 def test_image_rows_picks_each_rows_own_qwen_patches(tiny):
     m, p = tiny("qwen2.5-vl")
-    batch = M.collate(p, _samples())
+    batch = P.collate(p, _samples())
     sub = bench.image_rows(batch, [3, 0])
-    alone = M.collate(p, [_samples()[3], _samples()[0]])
+    alone = P.collate(p, [_samples()[3], _samples()[0]])
     width = alone["input_ids"].shape[1]
     assert torch.equal(sub["pixel_values"], alone["pixel_values"])
     assert torch.equal(sub["image_grid_thw"], alone["image_grid_thw"])
@@ -112,7 +113,7 @@ def test_hook_path_delta_gradient_survives_activation_checkpointing(tiny):
     # transformers 5 checkpoints a layer's forward, not its __call__, so the hook runs once, outside the checkpoint,
     # and the backward's recompute (after the hook is gone) starts from hidden_states + delta
     m, p = tiny("llava")
-    batch = M.collate(p, _samples())
+    batch = P.collate(p, _samples())
     with torch.no_grad():
         embeds, image_mask = M.embed(m, batch)
     mask = losses.modality_mask(batch["tasks"], image_mask, batch["labels"], batch["attention_mask"])

@@ -18,6 +18,7 @@ import diagnose
 import evaluate
 import model as M
 import perturb
+import prompts as P
 from hub.build import make_tiny_real
 from hub.qwen import make_tiny_qwen
 from test_core import _write_dataset
@@ -86,13 +87,13 @@ def test_instructblip_tokenizers(real):
 @pytest.mark.parametrize("fam", ["llava", "instructblip"])
 def test_letters_and_labels_are_what_the_model_emits_after_its_prompt(real, fam):
     m, p, _ = real(fam)
-    assert M.option_token_ids(p, 4) == [A, B, C, D]
+    assert P.option_token_ids(p, 4) == [A, B, C, D]
     s = _sample()
-    batch = M.collate(p, [s])
+    batch = P.collate(p, [s])
     where = (batch["labels"][0] != -100).nonzero().flatten().tolist()
     assert batch["labels"][0, where].tolist() == [B, EOS]
     # the prompt and its answer tokenized in one piece, as the model reads its own reply
-    text = M.prompt_text(p, s, train=True) + " B"
+    text = P.prompt_text(p, s, train=True) + " B"
     ids = p.tokenizer(text)["input_ids"] + [EOS]
     got = batch["input_ids"][0].tolist()
     got = [t for t in got if t != IMAGE[fam]] if fam == "instructblip" else got
@@ -107,14 +108,14 @@ def test_llava_prompt_is_the_checkpoints_chat_template(real):
     p = real("llava")[1]
     text = perturb.render(_sample())
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    assert M.prompt_text(p, _sample()) == p.apply_chat_template(chat, add_generation_prompt=True)
+    assert P.prompt_text(p, _sample()) == p.apply_chat_template(chat, add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("fam, side, n", [("llava", 336, 576), ("instructblip", 224, 32)])
 def test_image_size_and_image_tokens_are_the_hubs(real, fam, side, n):
     m, p, _ = real(fam)
-    assert M.image_size(p) == side
-    batch = M.collate(p, [_sample()])
+    assert P.image_size(p) == side
+    batch = P.collate(p, [_sample()])
     assert batch["pixel_values"].shape[-2:] == (side, side)
     assert int((batch["input_ids"] == IMAGE[fam]).sum()) == n == int((batch["input_ids"] == m.config.image_token_id).sum())
     with torch.no_grad():
@@ -139,7 +140,7 @@ def test_a_long_instructblip_prompt_is_cut_for_the_qformer_only(real):
     text = perturb.render(s)
     words = p.qformer_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(words) > 512
-    batch = M.collate(p, [s], train=False)
+    batch = P.collate(p, [s], train=False)
     # LAVIS: 128 tokens with [CLS] and [SEP], keeping the end of the instruction (truncation from the left)
     assert batch["qformer_input_ids"][0].tolist() == [101] + words[-126:] + [102]
     assert batch["input_ids"][0].tolist() == [IMAGE["instructblip"]] * 32 + p.tokenizer(text)["input_ids"]
@@ -161,7 +162,7 @@ def test_an_export_tokenizes_every_string_as_its_source(real, fam, tmp_path):
         assert p2.tokenizer(text)["input_ids"] == p.tokenizer(text)["input_ids"], text
         if fam == "instructblip":
             assert p2.qformer_tokenizer(text)["input_ids"] == p.qformer_tokenizer(text)["input_ids"], text
-    assert M.option_token_ids(p2, 4) == [A, B, C, D]
+    assert P.option_token_ids(p2, 4) == [A, B, C, D]
     if fam == "instructblip":  # the published tokenizer is "legacy": a word after a special token gets its "▁"
         assert p2.tokenizer("USER: <image>\nWhat is this?")["input_ids"] == [
             EOS, 3148, 1001, 29901, 29871, 32001, 29871, 13, 5618, 338, 445, 29973]
@@ -199,12 +200,12 @@ def test_train_then_export_reloads_with_the_sources_tokenization(real, fam, tmp_
     if fam != "qwen2.5-vl":
         auto = transformers.AutoProcessor.from_pretrained(out)
         tokenizers["AutoProcessor"] = auto.tokenizer
-        image, prompt = _sample()["image"], M.prompt_text(p, _sample())
+        image, prompt = _sample()["image"], P.prompt_text(p, _sample())
         assert auto(images=image, text=prompt)["input_ids"] == p(images=image, text=prompt)["input_ids"]
-    rows = [M.PROMPTS[fam, style] for style in M.STYLES]
+    rows = [P.PROMPTS[fam, style] for style in P.STYLES]
     after_tail = [row["prompt"].rsplit("{text}", 1)[1] + row["answer"].format(letter) + end
                   for row in rows for letter in "ABCD" for end in ("", "</s>", "<|im_end|>")]
-    prompts = [M.prompt_text(p, _sample(), train, style) for train in (True, False) for style in M.STYLES]
+    prompts = [P.prompt_text(p, _sample(), train, style) for train in (True, False) for style in P.STYLES]
     strings = STRINGS + SPECIALS + NEWLINES + prompts + after_tail
     for name, tok in tokenizers.items():
         for text in strings:
@@ -213,18 +214,18 @@ def test_train_then_export_reloads_with_the_sources_tokenization(real, fam, tmp_
                 assert tok(text, add_special_tokens=special)["input_ids"] == want, (name, text, special)
         assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (
             p.tokenizer.pad_token_id, p.tokenizer.eos_token_id, p.tokenizer.bos_token_id), name
-    for style in M.STYLES:
-        assert M.option_token_ids(p2, 4, style) == M.option_token_ids(p, 4, style), style
+    for style in P.STYLES:
+        assert P.option_token_ids(p2, 4, style) == P.option_token_ids(p, 4, style), style
     assert p2.chat_template == p.chat_template and p2.tokenizer.chat_template == p.tokenizer.chat_template
     assert plain.generation_config.eos_token_id == m.generation_config.eos_token_id
     reply = dict(_sample(), id="s-2", task="vqa", options=None, answer="A cat.\nIt sits on 2 mats.")
     for s in (_sample(), reply):  # a letter and a free-form reply: the rows train.py would build, labels included
-        want, got = M.collate(p, [s]), M.collate(p2, [s])
+        want, got = P.collate(p, [s]), P.collate(p2, [s])
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want if k != "tasks"), s["id"]
 
 
 def test_a_long_instructblip_prompt_warns_of_no_indexing_errors(real):
-    """transformers' InstructBlipProcessor tokenizes the Q-Former's copy whole before model.py cuts it to 128
+    """transformers' InstructBlipProcessor tokenizes the Q-Former's copy whole before prompts.py cuts it to 128
     tokens: its warning that the copy "will result in indexing errors" is about tokens the Q-Former never reads."""
     p = M.load(real("instructblip")[2])[1]  # a fresh processor: transformers warns once per tokenizer
     seen = []
@@ -232,7 +233,7 @@ def test_a_long_instructblip_prompt_warns_of_no_indexing_errors(real):
     handler.emit = seen.append
     logging.getLogger("transformers").addHandler(handler)
     try:
-        batch = M.collate(p, [_sample(question=" ".join(f"Fact number {i} is about a town." for i in range(80)))])
+        batch = P.collate(p, [_sample(question=" ".join(f"Fact number {i} is about a town." for i in range(80)))])
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert batch["qformer_input_ids"].shape[1] == 128
@@ -246,7 +247,7 @@ def test_a_twin_past_max_length_is_named_as_the_twin(real, tmp_path, monkeypatch
     _, p, folder = real("llava")
     data = _write_dataset(str(tmp_path / "data"), n=1)
     original = perturb.load_samples(data)[0]
-    fits = M.collate(p, [perturb.perturb(original, "orig", 0)])["input_ids"].shape[1]
+    fits = P.collate(p, [perturb.perturb(original, "orig", 0)])["input_ids"].shape[1]
     with pytest.raises((ValueError, SystemExit)) as e:
         _train(["--model", folder, "--data", data, "--out", str(tmp_path / "out"), "--max-length", str(fits),
                 "--ratio-image", "1", "--ratio-text", "0", "--batch-size", "1", "--max-steps", "1", "--no-export"],
@@ -313,18 +314,18 @@ def test_authors_prompt_is_their_string_and_trains_the_bare_answer(real, fam):
     _, p, _ = real(fam)
     train_row, eval_row, vqa_row = AUTHORS_ROWS[fam]
     answer = {"llava": "{}", "instructblip": " {}"}[fam]  # what follows "ASSISTANT:" / "<answer>"
-    assert M.prompt_text(p, _sample(), train=False, style="authors") == eval_row
+    assert P.prompt_text(p, _sample(), train=False, style="authors") == eval_row
     # src/predict.py gives VQA questions the evaluation system prompt too
-    assert M.prompt_text(p, _vqa(), style="authors") == eval_row.replace(AUTHORS_QUESTION, "What is in the image?")
+    assert P.prompt_text(p, _vqa(), style="authors") == eval_row.replace(AUTHORS_QUESTION, "What is in the image?")
     cases = [(_sample(), True, train_row, "B"), (_sample(), False, eval_row, ""),
              (_vqa(), True, vqa_row, "A cat on 2 mats.")]
     for s, train, prompt, reply in cases:
-        batch = M.collate(p, [s], train=train, style="authors")
+        batch = P.collate(p, [s], train=train, style="authors")
         want = p.tokenizer(prompt + answer.format(reply) * train)["input_ids"]  # the row tokenized whole, as they do
         assert batch["input_ids"][0].tolist() == _with_image_tokens(fam, want), (s["task"], train)
         labels = batch["labels"][0]  # what follows the prompt, with no "</s>"
         assert labels[labels != -100].tolist() == want[len(p.tokenizer(prompt)["input_ids"]):], (s["task"], train)
-    assert p.tokenizer.convert_ids_to_tokens(M.answer_ids(p, "B", style="authors")) == [
+    assert p.tokenizer.convert_ids_to_tokens(P.answer_ids(p, "B", style="authors")) == [
         {"llava": "B", "instructblip": "▁B"}[fam]]
     if fam == "llava":  # LlavaDataset.py: apply_chat_template(conversation, add_generation_prompt=True) + answer
         chat = [{"role": "system", "content": [{"type": "text", "text": AUTHORS_TRAIN}]},
@@ -343,8 +344,8 @@ def test_sample_mask_holds_the_samples_own_text_and_nothing_else(real, fam, styl
     _, p, _ = real(fam)
     facts = "Honey never spoils. The Eiffel Tower grows in summer. "
     samples = [_sample(), _sample(question=facts + "Which of these, seen from far away, is it?", answer=3)]
-    batch = M.collate(p, samples, style=style)
-    row = M.PROMPTS[fam, style]
+    batch = P.collate(p, samples, style=style)
+    row = P.PROMPTS[fam, style]
     tail = row["prompt"].rsplit("{text}", 1)[1]
     for r, s in enumerate(samples):
         mask, ids = batch["sample_mask"][r], batch["input_ids"][r]
@@ -360,11 +361,11 @@ def test_sample_mask_holds_the_samples_own_text_and_nothing_else(real, fam, styl
 @pytest.mark.parametrize("fam", ["llava", "instructblip", "qwen2.5-vl"])
 def test_authors_letters_are_the_tokens_collate_trains(real, fam):
     _, p, _ = real(fam)
-    trained = [M.collate(p, [_sample(answer=i)], style="authors")["labels"][0] for i in range(4)]
+    trained = [P.collate(p, [_sample(answer=i)], style="authors")["labels"][0] for i in range(4)]
     assert [t[t != -100].tolist() for t in trained] == [[i] for i in AUTHORS_LETTERS[fam]]  # one token, no end
-    assert M.option_token_ids(p, 4, style="authors") == AUTHORS_LETTERS[fam]
+    assert P.option_token_ids(p, 4, style="authors") == AUTHORS_LETTERS[fam]
     with pytest.raises(ValueError, match="'theirs'"):
-        M.collate(p, [_sample()], style="theirs")
+        P.collate(p, [_sample()], style="theirs")
 
 
 @pytest.mark.parametrize("fam", ["llava", "instructblip", "qwen2.5-vl"])
@@ -375,15 +376,15 @@ def test_authors_lengths_are_the_lengths_collate_gives(real, fam):
                 image=None)
     choice = dict(_vqa(), id="s-3", options=["cat", "dog"], answer=0)  # a VQA question with options: a letter
     rows = [image, perturb.perturb(image, "uf", 0, pool="train"), perturb.perturb(image, "md", 1, pool="train"),
-            perturb.perturb(text, "fb", 0, size=M.image_size(p)), _vqa(), choice]
+            perturb.perturb(text, "fb", 0, size=P.image_size(p)), _vqa(), choice]
     for s in rows:
         size = s["image"].size
         for train in (True, False):
-            n = M.collate(p, [s], train=train, style="authors")["input_ids"].shape[1]
-            assert M.n_tokens(p, s, size, train, style="authors") == n, (s["id"], s.get("intervention"), train)
-            assert M.n_tokens(p, s, size, train) != n  # the styles differ, so the check above reads the style
+            n = P.collate(p, [s], train=train, style="authors")["input_ids"].shape[1]
+            assert P.n_tokens(p, s, size, train, style="authors") == n, (s["id"], s.get("intervention"), train)
+            assert P.n_tokens(p, s, size, train) != n  # the styles differ, so the check above reads the style
     sizes = [s["image"].size for s in rows]
-    assert M.lengths(p, rows, sizes, style="authors") == [M.n_tokens(p, s, z, style="authors")
+    assert P.lengths(p, rows, sizes, style="authors") == [P.n_tokens(p, s, z, style="authors")
                                                           for s, z in zip(rows, sizes)]
 
 
@@ -393,19 +394,19 @@ def test_a_model_trained_in_the_authors_format_scores_its_letter_after_their_eva
     untrained model likes least; after their evaluation prompt, the token option_token_ids(style="authors") gives
     for that letter must then be the model's most likely next token (LLaVA: the bare "C", not the "▁C" of ours)."""
     m, p = M.load(real(fam)[2])  # a fresh copy: the session's model stays untrained
-    letters = M.option_token_ids(p, 4, style="authors")
+    letters = P.option_token_ids(p, 4, style="authors")
 
     def next_token_logits():
         M.train_mode(m, False)
         with torch.no_grad():
-            batch = M.collate(p, [_sample(question="Which one is it?")], train=False, style="authors")
+            batch = P.collate(p, [_sample(question="Which one is it?")], train=False, style="authors")
             return m(**M.model_inputs(batch)).logits[0, -1]
     target = int(next_token_logits()[letters].argmin())
     M.freeze(m)
     M.train_mode(m)
     opt = torch.optim.AdamW([w for w in m.parameters() if w.requires_grad], lr=1e-2)
     for _ in range(4):
-        batch = M.collate(p, [_sample(answer=target)], style="authors")
+        batch = P.collate(p, [_sample(answer=target)], style="authors")
         m(**M.model_inputs(batch), labels=batch["labels"]).loss.backward()
         opt.step()
         opt.zero_grad()

@@ -14,6 +14,7 @@ from PIL import Image
 
 import model as M
 import perturb
+import prompts as P
 from hub import qwen
 from test_core import _write_dataset
 
@@ -72,14 +73,14 @@ def test_options_are_the_letters_the_model_emits_after_its_prompt(tiny):
     _, p, _ = tiny
     after = p.tokenizer("<|im_start|>assistant\nA", add_special_tokens=False)["input_ids"]
     assert after[-1] == 32 and after[:-1] == [151644, 77091, 198]  # <|im_start|> "assistant" "\n"
-    assert M.option_token_ids(p, 4) == [32, 33, 34, 35]
+    assert P.option_token_ids(p, 4) == [32, 33, 34, 35]
 
 
 def test_prompt_is_the_checkpoint_chat_template(tiny):
     _, p, _ = tiny
     s = _sample(None, task="text_heavy")
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": perturb.render(s)}]}]
-    ours = M.prompt_text(p, s)
+    ours = P.prompt_text(p, s)
     assert ours == p.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
     assert ours == p.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
 
@@ -87,7 +88,7 @@ def test_prompt_is_the_checkpoint_chat_template(tiny):
 def test_labels_are_the_letter_and_the_end_of_turn(tiny):
     _, p, _ = tiny
     s = _sample(None, task="text_heavy")
-    b = M.collate(p, [s], train=True)
+    b = P.collate(p, [s], train=True)
     labels = b["labels"][0][b["labels"][0] != -100].tolist()
     assert labels == [33, 151645]  # "B" <|im_end|>
     # the template closes the assistant's turn with "<|im_end|>\n"; generation stops at <|im_end|> (the eos),
@@ -105,9 +106,9 @@ def test_image_tokens_match_the_real_processor_and_the_batch_runs(tiny, w, h):
     # smart_resize of Qwen2-VL: each side rounded to a multiple of 28 (patch 14 x merge 2), within the pixel budget
     gh, gw = round(h / 28) * 2, round(w / 28) * 2
     image = Image.new("RGB", (w, h), (200, 30, 30))
-    b = M.collate(p, [_sample(image), _sample(None, task="text_heavy", id="s1")], train=True)
-    side = M.image_size(p) // 14  # the random pixels of the text-heavy sample: a 448 px square
-    assert M.image_size(p) == 448
+    b = P.collate(p, [_sample(image), _sample(None, task="text_heavy", id="s1")], train=True)
+    side = P.image_size(p) // 14  # the random pixels of the text-heavy sample: a 448 px square
+    assert P.image_size(p) == 448
     assert b["image_grid_thw"].tolist() == [[1, gh, gw], [1, side, side]]
     assert (b["input_ids"] == 151655).sum(1).tolist() == [gh * gw // 4, side * side // 4]
     assert b["pixel_values"].shape == (gh * gw + side * side, 3 * 2 * 14 * 14)
@@ -165,7 +166,7 @@ def test_a_photo_past_max_length_says_how_many_tokens_its_image_takes(tiny):
     image takes them, or the user looks for long text."""
     _, p, _ = tiny
     with pytest.raises(ValueError) as e:
-        M.collate(p, [_sample(Image.new("RGB", (1920, 1080)))], max_length=2048)
+        P.collate(p, [_sample(Image.new("RGB", (1920, 1080)))], max_length=2048)
     assert "'s0'" in str(e.value) and "2691" in str(e.value), str(e.value)
 
 
@@ -174,7 +175,7 @@ def test_an_image_qwen_cannot_take_names_its_sample(tiny):
     the sample's id leaves the user to search the data for it."""
     _, p, _ = tiny
     with pytest.raises(ValueError, match="'s0'"):
-        M.collate(p, [_sample(Image.new("RGB", (1200, 5)))])
+        P.collate(p, [_sample(Image.new("RGB", (1200, 5)))])
 
 
 def test_authors_prompt_is_their_chat_template_row_and_trains_the_bare_letter(tiny):
@@ -190,15 +191,15 @@ def test_authors_prompt_is_their_chat_template_row_and_trains_the_bare_letter(ti
     for s, train, system, text, answer in cases:
         prompt = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>"
                   f"<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n")
-        assert M.prompt_text(p, s, train, style="authors") == prompt
+        assert P.prompt_text(p, s, train, style="authors") == prompt
         chat = [{"role": "system", "content": [{"type": "text", "text": system}]},
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         assert p.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == prompt
-        b = M.collate(p, [s], train=train, style="authors")
+        b = P.collate(p, [s], train=train, style="authors")
         want = p.tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
         at, n = want.index(151655), int((b["input_ids"][0] == 151655).sum())  # <|image_pad|>, expanded
         assert b["input_ids"][0].tolist() == want[:at] + [151655] * n + want[at + 1:], (s["task"], train)
         labels = b["labels"][0][b["labels"][0] != -100].tolist()
         assert labels == p.tokenizer(answer, add_special_tokens=False)["input_ids"], (s["task"], train)
-    assert M.answer_ids(p, "B", style="authors") == [33]  # "B", no <|im_end|>; ours: [33, 151645]
-    assert M.option_token_ids(p, 4, style="authors") == [32, 33, 34, 35] == M.option_token_ids(p, 4)
+    assert P.answer_ids(p, "B", style="authors") == [33]  # "B", no <|im_end|>; ours: [33, 151645]
+    assert P.option_token_ids(p, 4, style="authors") == [32, 33, 34, 35] == P.option_token_ids(p, 4)

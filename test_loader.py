@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader
 
 import evaluate
 import model as M
+import prompts as P
+import train
 from test_train import toy  # noqa: F401 (one session-scoped toy world for both files)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,7 +31,6 @@ def world(toy):
 
 def _train(argv, monkeypatch):
     """train.py in this process (a group of one): (its globals, what its DataLoader delivered, its num_workers)."""
-    import runpy
     seen, workers = [], []
 
     class Recording(DataLoader):
@@ -43,7 +44,7 @@ def _train(argv, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py"] + argv)
     monkeypatch.setattr(torch.utils.data, "DataLoader", Recording)
     try:
-        return runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__"), seen, workers
+        return train.main(argv), seen, workers
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -82,7 +83,7 @@ def test_train_batches_and_losses_are_the_same_for_any_number_of_workers_and_aft
     assert n == [0] and len(main) == 3
     # what the loop trained on is micro_batches(step), called here in this process, for steps 0, 1, 2
     for step, batches in enumerate(main):
-        _same(batches, g["micro_batches"](step), f"step {step}")
+        _same(batches, g["batches"](step), f"step {step}")
     assert all(len(b) == 2 and b[0]["pairs"] and b[0]["pixel_values"].shape[0] > 4 for b in main)  # twins
     assert not any(torch.equal(main[0][0]["pixel_values"], b[0]["pixel_values"]) for b in main[1:])
 
@@ -122,7 +123,7 @@ def test_two_processes_with_workers_train_like_one(world, tmp_path, monkeypatch)
 
 def test_a_row_too_long_in_a_worker_stops_the_run_in_one_line(world, tmp_path, monkeypatch):
     data, _, llava = world
-    monkeypatch.setattr(M, "lengths", lambda processor, samples, sizes, train=True, style="ours": [1] * len(samples))
+    monkeypatch.setattr(P, "lengths", lambda processor, samples, sizes, train=True, style="ours": [1] * len(samples))
     with pytest.raises(SystemExit, match=r"^error: sample '[^']+'.*: \d+ tokens with its answer .* more than "
                                          r"max_length=30; truncating would cut the answer \(raise max_length\)$"):
         _train(["--model", llava, "--data", data, "--out", str(tmp_path / "out"), "--max-length", "30",

@@ -11,12 +11,14 @@ import shutil
 import peft
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import transformers
 from safetensors.torch import load_file
 
 import evaluate
 import model as M
 import perturb
+import prompts as P
 from test_train import FAMILIES, _metrics, _no_model, _one_process_like_two, _train, toy  # noqa: F401
 
 R, ALPHA = 4, 12.0  # not the default alpha 2R, so the scale alpha / R is the flag's
@@ -41,7 +43,7 @@ def runs(toy, tmp_path_factory):
 
 
 def _batch(processor, data):
-    return M.collate(processor, [perturb.perturb(s, "orig", 0, size=M.image_size(processor))
+    return P.collate(processor, [perturb.perturb(s, "orig", 0, size=P.image_size(processor))
                                  for s in perturb.load_samples(data)])
 
 
@@ -150,10 +152,12 @@ def test_a_lora_run_resumes_exactly_from_adapter_only_checkpoints_and_refuses_ot
     argv += LORA
     g = _train(argv, monkeypatch)
     whole, adapter = _metrics(out), load_file(out / "adapter_model.safetensors")
-    weights = load_file(out / "ckpt-00000004" / "model.rank0.safetensors")
+    saved = dcp.FileSystemReader(out / "ckpt-00000004").read_metadata().state_dict_metadata
+    weights = [k.removeprefix("model.") for k in saved if k.startswith("model.")]
     assert sorted(weights) == sorted(n for n, _ in g["trainable"])
     assert all(".lora_" in n or ".modules_to_save." in n for n in weights)  # no frozen weight
-    assert len(torch.load(out / "ckpt-00000004" / "optim.rank0.pt")["state"]) == len(weights)
+    moments = [k for k in saved if k.startswith("optim.state.") and k.endswith(".exp_avg")]
+    assert sorted(moments) == sorted(f"optim.state.{n}.exp_avg" for n in weights)
     shutil.rmtree(out / "ckpt-00000004")  # as if killed between the checkpoints at steps 2 and 4
     _train(argv + ["--resume"], monkeypatch)
     assert [r["step"] for r in _metrics(out)] == [0, 1, 2, 3]

@@ -10,7 +10,11 @@ from PIL import Image
 
 import losses
 import model as M
+import prompts as P
+import shortcuts
+import train
 from test_train import _metrics, _train, _weights, toy  # noqa: F401 (one session-scoped toy world)
+from tiny import make_tiny
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
 
@@ -28,10 +32,10 @@ def _samples():
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_a_pass_on_the_prefix_cache_gives_the_whole_pass_logits_loss_and_delta_gradient(tmp_path, fam):
-    m, p = M.load(M.make_tiny(fam, str(tmp_path / fam)))  # SPEC section 4's name (tiny.py builds it)
+    m, p = M.load(make_tiny(fam, str(tmp_path / fam)))  # docs/format.md, 'Model functions'
     m.activation_checkpointing_enable({"use_reentrant": False})  # would drop the cache silently (M.unchecked)
     M.train_mode(m)
-    batch = M.collate(p, _samples())
+    batch = P.collate(p, _samples())
     assert len(set(batch["attention_mask"].sum(1).tolist())) == 3  # three lengths: padded rows
     with torch.no_grad():
         embeds, image_mask = M.embed(m, batch)
@@ -79,14 +83,14 @@ def test_shortcuts_change_no_loss_gradient_or_weight_of_a_step(toy, tmp_path, mo
               "--save-every", "0", "--activation-checkpointing" if checkpointing else "--no-activation-checkpointing"]
     runs = {s: _train(common + ["--out", str(tmp_path / s), "--shortcuts", s], monkeypatch) for s in ("on", "off")}
     g = runs["on"]
-    batch = g["micro_batches"](0)[0]
+    batch = g["batches"](0)[0]
     image = batch["input_ids"] == g["hf_model"].config.image_token_id
-    mask = g["perturbable"](batch, image)
-    attack = g["adversarial_rows"](mask)
-    passes = g["pgd_passes"](batch, attack, mask[attack])
+    mask = train.perturbable(batch, image, "sample")
+    attack = train.adversarial_rows(mask, "pgd")
+    passes = shortcuts.pgd_passes(batch, attack, mask[attack], g["args"])
     assert [(start > 0, [batch["tasks"][attack[i]] for i in rows]) for rows, start, _ in passes] == \
         [(True, ["image_heavy"] * 4), (False, ["text_heavy"] * 4)]  # 2 originals + their twins each
-    assert runs["off"]["pgd_passes"](batch, attack, mask[attack]) == [(list(range(8)), 0, 1.0)]
+    assert shortcuts.pgd_passes(batch, attack, mask[attack], runs["off"]["args"]) == [(list(range(8)), 0, 1.0)]
     on, off = _metrics(tmp_path / "on"), _metrics(tmp_path / "off")
     for a, b in zip(on, off, strict=True):
         for k in ("loss", "sft", "adv", "cons", "grad_norm"):

@@ -11,6 +11,7 @@ import torch
 import evaluate
 import model as M
 import perturb
+import prompts as P
 from test_core import FAMILIES, _samples, _write_dataset, tiny  # noqa: F401 (tiny is a fixture)
 
 FOUR = ["cat", "dog", "car", "tree"]
@@ -38,7 +39,7 @@ def test_parse_answer_reads_the_option_a_generated_answer_names(text, options, e
 
 def _alone(m, p, sample, max_new_tokens, repetition_penalty, style="ours"):
     """Greedy text of one sample, no padding: the prompt sliced off by its own length."""
-    b = M.collate(p, [sample], train=False, style=style)
+    b = P.collate(p, [sample], train=False, style=style)
     with torch.no_grad():
         out = m.generate(**M.model_inputs(b), do_sample=False, max_new_tokens=max_new_tokens,
                          repetition_penalty=repetition_penalty)
@@ -51,7 +52,7 @@ def test_batched_generation_equals_one_sample_at_a_time(tiny, fam):
     m, p, _ = tiny(fam)
     samples = _samples()
     samples = [samples[1], samples[0], samples[2]]  # the longest in the middle: rows padded on both sides of it
-    assert len(set(M.collate(p, samples, train=False)["attention_mask"].sum(1).tolist())) == 3
+    assert len(set(P.collate(p, samples, train=False)["attention_mask"].sum(1).tolist())) == 3
     batched = evaluate.generate(m, p, samples, max_new_tokens=5, repetition_penalty=1.2)
     alone = [_alone(m, p, s, 5, 1.2) for s in samples]
     assert batched == alone and all(alone)
@@ -70,7 +71,7 @@ def test_generate_scoring_writes_text_and_parsed_pred_and_counts_unparsed(tiny, 
     counts = {}
     for r in rows:
         s = samples[r["id"]]
-        s = perturb.perturb(s, r["intervention"], evaluate.rng_for(0, s, r["intervention"]), size=M.image_size(p),
+        s = perturb.perturb(s, r["intervention"], evaluate.rng_for(0, s, r["intervention"]), size=P.image_size(p),
                             ri_images=ri)
         assert r["score"] == "generate" and r["probs"] is None and r["n_options"] == len(s["options"])
         assert r["text"] == _alone(m, p, s, 3, 1.2)
@@ -136,10 +137,10 @@ def test_prompt_authors_reaches_the_letter_logits_and_generation(tiny, tmp_path)
     samples = {s["id"]: s for s in perturb.load_samples(data)}
     ours = evaluate.run(folder, [data], str(tmp_path / "ours"), ["orig"], loaded=(m, p))
     authors = evaluate.run(folder, [data], str(tmp_path / "authors"), ["orig"], style="authors", loaded=(m, p))
-    letters = M.option_token_ids(p, 4, style="authors")
+    letters = P.option_token_ids(p, 4, style="authors")
     for r, o in zip(authors, ours):
-        s = perturb.perturb(samples[r["id"]], "orig", evaluate.rng_for(0, samples[r["id"]], "orig"), size=M.image_size(p))
-        b = M.collate(p, [s], train=False, style="authors")
+        s = perturb.perturb(samples[r["id"]], "orig", evaluate.rng_for(0, samples[r["id"]], "orig"), size=P.image_size(p))
+        b = P.collate(p, [s], train=False, style="authors")
         with torch.no_grad():
             last = m(**M.model_inputs(b)).logits[0, -1]
         assert torch.allclose(torch.tensor(r["probs"]), torch.softmax(last[letters[:len(s["options"])]], -1), atol=1e-5)
@@ -148,7 +149,7 @@ def test_prompt_authors_reaches_the_letter_logits_and_generation(tiny, tmp_path)
                        max_new_tokens=3, loaded=(m, p))
     assert [r["text"] for r in gen] == [
         _alone(m, p, perturb.perturb(samples[r["id"]], "orig", evaluate.rng_for(0, samples[r["id"]], "orig"),
-                                     size=M.image_size(p)), 3, 1.0, style="authors") for r in gen]
+                                     size=P.image_size(p)), 3, 1.0, style="authors") for r in gen]
 
 
 def test_protocol_authors_sets_their_flags_and_the_facts_file_and_canvas_reach_the_interventions(tiny, tmp_path,

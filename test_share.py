@@ -10,6 +10,7 @@ from PIL import Image
 import evaluate
 import model as M
 import perturb
+import prompts as P
 from test_core import _write_dataset, tiny  # noqa: F401 (tiny is a session-scoped fixture)
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
@@ -28,12 +29,12 @@ def _rows(p, folder):
                dict(id="b", task="image_heavy", image=str(folder / "blue.png"), question="What is shown ?",
                     options=["red", "blue"], answer=1, source="toy")]
     ri = perturb.ri_pool(samples)
-    return [perturb.perturb(s, n, evaluate.rng_for(0, s, n), size=M.image_size(p), ri_images=ri, k=3)
+    return [perturb.perturb(s, n, evaluate.rng_for(0, s, n), size=P.image_size(p), ri_images=ri, k=3)
             for s in samples for n in perturb.interventions_for(s["task"])]
 
 
 def _letters(p, rows):
-    return M.option_token_ids(p, max(len(s["options"]) for s in rows))
+    return P.option_token_ids(p, max(len(s["options"]) for s in rows))
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -42,7 +43,7 @@ def test_shared_probabilities_equal_one_whole_pass_a_row(tiny, tmp_path, monkeyp
     (its query tokens read the instruction), which the comparison finds: no prefix there."""
     m, p, _ = tiny(fam)
     rows = _rows(p, tmp_path)
-    batch = M.collate(p, rows, train=False)
+    batch = P.collate(p, rows, train=False)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 3
     stops, prefix = [], M.prefix
     monkeypatch.setattr(M, "prefix", lambda *a: stops.append(a[-1]) or prefix(*a))
@@ -83,7 +84,7 @@ def test_the_vision_tower_sees_each_distinct_image_once(tiny, tmp_path, fam):
         evaluate.score(m, p, rows, _letters(p, rows), shortcuts=False)
     finally:
         hook.remove()
-    images = {(im.size, im.tobytes()) for im in (perturb.load_image(s, M.image_size(p)) for s in rows)}
+    images = {(im.size, im.tobytes()) for im in (perturb.load_image(s, P.image_size(p)) for s in rows)}
     # a: 3 rows, b: 3 rows, t: orig and rp the same random pixels, ri one of a's or b's images, fb, fw
     assert on == [len(images)] == [5] and seen == [len(rows)] == [11]
 

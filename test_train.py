@@ -2,6 +2,7 @@
 profile and memory plan, on tiny random-init models of the three families and a few toy samples.
 Run all tests: python -m pytest -q test_*.py
 """
+import errno
 import json
 import math
 import os
@@ -12,10 +13,13 @@ import sys
 
 import pytest
 import torch
+import torch.distributed.checkpoint  # noqa: F401 (the shards writer the full-disk test breaks)
 import transformers
 
 import model as M
 import perturb
+import prompts as P
+import train
 from perturb import APPLIES, DataError
 from tiny import make_parts, make_tiny
 
@@ -46,12 +50,11 @@ def toy(tmp_path_factory):
 
 
 def _train(argv, monkeypatch):
-    """Runs train.py in this process (a process group of one) and returns its globals."""
-    import runpy
+    """Runs train.main in this process (a process group of one) and returns what it built."""
     env = dict(os.environ)
     monkeypatch.setattr(sys, "argv", ["train.py"] + argv)
     try:
-        return runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+        return train.main(argv)
     finally:
         if torch.distributed.is_initialized():  # a run stopped by an error leaves its group behind
             torch.distributed.destroy_process_group()
@@ -100,7 +103,7 @@ def test_the_output_folder_is_the_trained_model_for_plain_transformers(toy, tmp_
     assert set(state) <= set(trained) and all(torch.equal(state[k], trained[k]) for k in state)
     base, processor = M.load(models[fam])
     base.load_state_dict(trained)
-    batch = M.collate(processor, [perturb.perturb(s, "orig", 0, size=M.image_size(processor))
+    batch = P.collate(processor, [perturb.perturb(s, "orig", 0, size=P.image_size(processor))
                                   for s in perturb.load_samples(data)])
     with torch.no_grad():
         assert torch.equal(plain(**M.model_inputs(batch)).logits, base.eval()(**M.model_inputs(batch)).logits)
@@ -167,6 +170,47 @@ def test_a_killed_run_resumes_with_the_same_losses(toy, tmp_path):
     assert (tmp_path / "cut" / "ckpt-00000030").exists()
 
 
+def test_a_run_resumes_on_another_number_of_processes(toy, tmp_path):
+    """Checkpoints are torch.distributed.checkpoint's: one process continues what two saved (2 -> 1), and two
+    continue what one saved (1 -> 2), the global batch kept (--batch-size x processes), with the losses of the
+    run that never stopped."""
+    data, models = toy
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["train.py", "--model", models["llava"], "--data", data, "--max-steps", "4", "--save-every", "2",
+              "--lr", "1e-3", "--eps", "0.05", "--no-export", "--out"]
+    one = [sys.executable] + common
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"] + common
+
+    def run(cmd, out, batch, *extra):
+        res = subprocess.run(cmd + [str(out), "--batch-size", str(batch), *extra], cwd=HERE, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    run(one, tmp_path / "one", 8)
+    run(two, tmp_path / "two", 4)
+    for first, then, cmd, batch in (("two", "2to1", one, 8), ("one", "1to2", two, 4)):
+        shutil.copytree(tmp_path / first / "ckpt-00000002", tmp_path / then / "ckpt-00000002")
+        run(cmd, tmp_path / then, batch, "--resume")
+        assert [r["step"] for r in _metrics(tmp_path / then)] == [2, 3]
+        for a, b in zip(_metrics(tmp_path / "one")[2:], _metrics(tmp_path / then)):
+            for k in ("loss", "sft", "adv", "cons", "grad_norm"):
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (then, a["step"], k)
+
+
+def test_a_checkpoint_of_the_earlier_format_is_refused_in_one_line(toy, tmp_path, monkeypatch):
+    data, models = toy
+    ckpt = tmp_path / "run" / "ckpt-00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.rank0.safetensors").write_bytes(b"0")  # what train.py wrote before torch.distributed.checkpoint
+    (ckpt / "state.json").write_text(json.dumps({"step": 2, "world": 1, "args": {}, "files": {}}))
+    with monkeypatch.context() as m:
+        m.setattr(M, "load", _no_model)
+        with pytest.raises(SystemExit, match=re.escape(f"error: {ckpt} was written by an earlier train.py, one file "
+                                                       f"of shards per process, which this one cannot read")):
+            _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path / "run"), "--resume"],
+                   monkeypatch)
+
+
 def _no_model(*a, **k):
     pytest.fail("the model was loaded before the refusal")
 
@@ -180,12 +224,12 @@ def test_resume_skips_a_damaged_checkpoint_and_never_touches_other_folders(toy, 
     assert sorted(os.listdir(out)) == ["ckpt-00000003", "ckpt-00000004", "metrics.jsonl"]  # the last 2 kept
     whole = _metrics(out)
     shutil.copytree(out / "ckpt-00000003", out / "ckpt-best")  # the user's copy: never chosen, never pruned
-    optim = out / "ckpt-00000004" / "optim.rank0.pt"
-    optim.write_bytes(optim.read_bytes()[:100])  # truncated, as by a full disk or a bad copy
+    shards = out / "ckpt-00000004" / "__0_0.distcp"
+    shards.write_bytes(shards.read_bytes()[:100])  # truncated, as by a full disk or a bad copy
     capsys.readouterr()
     _train(argv + ["--resume"], monkeypatch)
     io = capsys.readouterr()
-    assert f"{out}/ckpt-00000004 is damaged (optim.rank0.pt has 100 bytes" in io.err
+    assert f"{out}/ckpt-00000004 is damaged (__0_0.distcp has 100 bytes" in io.err
     assert f"resumed from {out}/ckpt-00000003 at step 3" in io.out
     assert sorted(os.listdir(out)) == ["ckpt-00000003", "ckpt-00000004", "ckpt-best", "metrics.jsonl"]
     assert [r["step"] for r in _metrics(out)] == [0, 1, 2, 3]
@@ -218,7 +262,7 @@ def test_a_resume_with_other_settings_is_refused_naming_the_difference(toy, tmp_
         m.setattr(M, "load", _no_model)
         for extra, message in [(["--lr", "1e-4"], "--lr 0.001 then, 0.0001 now"),
                                (["--seed", "1", "--batch-size", "4"],
-                                "--batch-size 8 then, 4 now; --seed 2024 then, 1 now"),
+                                "--seed 2024 then, 1 now; --batch-size x processes x --grad-accum 8 then, 4 now"),
                                (["--max-steps", "3"], "--max-steps 2 then, 3 now"),
                                (["--model", models["qwen2.5-vl"]], f"--model {models['llava']} then, "
                                                                    f"{models['qwen2.5-vl']} now"),
@@ -247,9 +291,9 @@ def test_pgd_scope_sample_leaves_the_template_clean_and_template_perturbs_it(toy
     for scope in ("sample", "template"):
         g = _train(["--model", models[fam], "--data", data, "--out", str(tmp_path / scope), "--max-steps", "1",
                     "--no-export", "--pgd-scope", scope], monkeypatch)
-        batch = g["micro_batches"](0)[0]
+        batch = g["batches"](0)[0]
         image = batch["input_ids"] == g["hf_model"].config.image_token_id
-        masks[scope] = (g["perturbable"](batch, image), batch, image)
+        masks[scope] = (train.perturbable(batch, image, scope), batch, image)
     (sample, batch, image), template = masks["sample"], masks["template"][0]
     prompt = batch["attention_mask"].bool() & (batch["labels"] == -100)
     for r, task in enumerate(batch["tasks"]):
@@ -296,17 +340,16 @@ def test_a_full_disk_during_a_checkpoint_stops_in_one_line_and_the_run_resumes(t
     out = tmp_path / "run"
     argv = ["--model", models["llava"], "--data", data, "--out", str(out), "--max-steps", "3", "--save-every", "1",
             "--lr", "1e-3", "--no-export"]
-    save = torch.save
+    write = torch.distributed.checkpoint.filesystem._write_item
 
-    def full_disk(obj, f, *a, **k):
-        if "ckpt-00000002" in str(f) and "optim" in str(f):  # what torch.save raises when the disk fills
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")
-        return save(obj, f, *a, **k)
+    def full_disk(*a, **k):  # what writing the shards raises when the disk fills
+        if "ckpt-00000002" in str(getattr(a[1], "name", "")):  # the stream of the shards file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(*a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(torch, "save", full_disk)
-        with pytest.raises(SystemExit, match=re.escape(f"error: {out}/.tmp-ckpt-00000002/optim.rank0.pt: no space "
-                                                       f"left on device")):
+        m.setattr(torch.distributed.checkpoint.filesystem, "_write_item", full_disk)
+        with pytest.raises(SystemExit, match=re.escape(f"error: {out}/.tmp-ckpt-00000002: no space left on device")):
             _train(argv, monkeypatch)
     assert "ckpt-00000001" in os.listdir(out) and "ckpt-00000002" not in os.listdir(out)
     _train(argv + ["--resume"], monkeypatch)
@@ -358,7 +401,7 @@ def test_any_batch_size_trains_every_task_in_its_ratio(toy, tmp_path, monkeypatc
                 "--preset", "vanilla", "--no-export"], monkeypatch)
     seen = {"image_heavy": 0, "text_heavy": 0, "vqa": 0}
     for step in range(24):
-        for s in g["originals"](step):
+        for s in g["batches"].originals(step):
             seen[s["task"]] += 1
         n = (step + 1) * batch  # originals so far, at the default ratios 0.25 / 0.25 / 0.5
         assert abs(seen["image_heavy"] - n / 4) < 2 and abs(seen["text_heavy"] - n / 4) < 2
@@ -397,13 +440,13 @@ def test_an_epoch_ends_when_the_smallest_pool_has_been_seen_once(toy, tmp_path, 
     common = ["--model", models["llava"], "--data", train, "--batch-size", "2", "--no-export", "--out"]
     g = _train(common + [str(tmp_path / "a"), "--preset", "vanilla"], monkeypatch)
     # per step 2 originals: image-heavy and text-heavy 2 * 0.25 each, VQA 2 * 0.5
-    assert g["steps_per_epoch"] == math.ceil(4 / (2 * 0.5)) == 4
+    assert g["schedule"].steps_per_epoch == math.ceil(4 / (2 * 0.5)) == 4
     assert "one pass over the smallest pool takes 4 steps, over the largest 8" in capsys.readouterr().out
-    vqa = {s["id"] for step in range(4) for s in g["originals"](step) if s["task"] == "vqa"}
+    vqa = {s["id"] for step in range(4) for s in g["batches"].originals(step) if s["task"] == "vqa"}
     assert len(vqa) == 4  # the epoch saw every VQA sample
     g = _train(common + [str(tmp_path / "b"), "--preset", "vanilla", "--epoch-end", "largest"], monkeypatch)
-    assert g["steps_per_epoch"] == math.ceil(4 / (2 * 0.25)) == 8
-    images = {s["id"] for step in range(8) for s in g["originals"](step) if s["task"] == "image_heavy"}
+    assert g["schedule"].steps_per_epoch == math.ceil(4 / (2 * 0.25)) == 8
+    images = {s["id"] for step in range(8) for s in g["batches"].originals(step) if s["task"] == "image_heavy"}
     assert len(images) == 4
 
 
@@ -448,8 +491,8 @@ def test_twins_all_makes_each_intervention_once_per_original_and_pairs_each(toy,
     g = _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path), "--preset", "vanilla",
                 "--no-export", "--twins", "all", "--batch-size", "3", "--grad-accum", "2"], monkeypatch)
     for step in range(3):
-        originals = g["originals"](step)
-        for m, batch in enumerate(g["micro_batches"](step)):
+        originals = g["batches"].originals(step)
+        for m, batch in enumerate(g["batches"](step)):
             part = originals[m::2]  # one process: micro-step m takes every second original
             expected = [(s["id"], f"{s['id']}/{n}") for s in part for n in _training_interventions(s["task"])]
             ids, n = batch["ids"], len(part)
@@ -474,9 +517,9 @@ def test_twins_all_makes_each_intervention_once_per_original_and_pairs_each(toy,
             answers = (batch["labels"] != -100).sum(1).tolist()
             heavy = [r for r, task in enumerate(batch["tasks"]) if task != "vqa"]
             twins = {r: len(_training_interventions(s["task"])) for r, s in enumerate(part) if s["task"] != "vqa"}
-            assert g["token_counts"](batch).tolist() == [sum(answers), sum(answers[r] for r in heavy),
-                                                         sum(answers[o] * (2 * k + 1) for o, k in twins.items())]
-            pairs = g["consistency_pairs"](batch, heavy)
+            assert train.token_counts(batch, g["hf_model"].config.image_token_id, g["args"]).tolist() == \
+                [sum(answers), sum(answers[r] for r in heavy), sum(answers[o] * (2 * k + 1) for o, k in twins.items())]
+            pairs = train.consistency_pairs(batch, heavy)
             assert len(pairs) == len(set(pairs)) == sum(2 * k + 1 for k in twins.values())
 
 
@@ -503,7 +546,7 @@ def test_facts_file_feeds_uf_whole_with_or_without_replacement(toy, tmp_path, mo
                    + ["--facts-replacement"] * replace, monkeypatch)
         draws = set()
         for step in range(20):
-            uf = dict(g["twins_of"](image, step))[f"{image['id']}/uf"]
+            uf = dict(g["batches"].twins_of(image, step))[f"{image['id']}/uf"]
             prefix = uf["question"].removesuffix(" " + image["question"])
             used = re.findall(r"Fact \w+ is here \.", prefix)
             assert " ".join(used) == prefix and len(used) == k and set(used) <= set(facts)
@@ -523,14 +566,14 @@ def test_facts_file_feeds_uf_whole_with_or_without_replacement(toy, tmp_path, mo
 
 def test_canvas_size_sets_the_canvases_and_random_pixels(toy, tmp_path, monkeypatch):
     data, models = toy
-    seen, collate = [], M.collate
-    monkeypatch.setattr(M, "collate", lambda processor, rows, **k: seen.extend(rows) or collate(processor, rows, **k))
-    default = M.image_size(M.load_processor(models["llava"]))
+    seen, collate = [], P.collate
+    monkeypatch.setattr(P, "collate", lambda processor, rows, **k: seen.extend(rows) or collate(processor, rows, **k))
+    default = P.image_size(M.load_processor(models["llava"]))
     for flag, side in (([], default), (["--canvas-size", "20"], 20)):
         g = _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path / str(side)), "--preset",
                     "vanilla", "--no-export", "--twins", "all"] + flag, monkeypatch)
         seen.clear()
-        g["micro_batches"](0)
+        g["batches"](0)
         text = [r for r in seen if r["task"] == "text_heavy" and r["intervention"] != "ri"]
         assert sorted(r["intervention"] for r in text) == ["fb", "fb", "fw", "fw", "orig", "orig"]
         assert {r["image"].size for r in text} == {(side, side)}
@@ -602,8 +645,8 @@ def test_profile_times_every_phase_without_changing_the_step(toy, tmp_path, monk
     assert os.listdir(tmp_path / "profiled") == ["metrics.jsonl"]  # --save-every 0 --no-export: nothing else
     mini = [json.loads(line) for line in open(data)]  # 4 image/text originals + 4 twins + 4 VQA rows
     _, processor = M.load(models["llava"])
-    rows = [perturb.perturb(s, "orig", 0, size=M.image_size(processor)) for s in perturb.load_samples(data)]
-    originals = int(M.collate(processor, rows, train=True)["attention_mask"].sum())
+    rows = [perturb.perturb(s, "orig", 0, size=P.image_size(processor)) for s in perturb.load_samples(data)]
+    originals = int(P.collate(processor, rows, train=True)["attention_mask"].sum())
     assert len(mini) == 8 and profiled[0]["tokens"] > originals  # the twins' tokens count too
 
 
@@ -696,7 +739,7 @@ def test_instruction_samples_train_on_their_reply_and_are_never_scored(toy, tmp_
         f.writelines(json.dumps(r) + "\n" for r in rows + free)
     samples = perturb.load_samples(path)
     m, p = M.load(models["llava"])
-    batch = M.collate(p, [samples[-1]])
+    batch = P.collate(p, [samples[-1]])
     answer = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert p.tokenizer.convert_ids_to_tokens(answer) == ["the", "dots", "are", "red", "</s>"]
     assert perturb.render(samples[-1]) == "What is in the image ?"
@@ -730,7 +773,7 @@ def processors(toy, tmp_path_factory):
 def test_n_tokens_is_the_length_collate_gives(processors, name):
     from PIL import Image
     p = processors[name]
-    side = M.image_size(p)
+    side = P.image_size(p)
     photo = Image.new("RGB", (333, 150), (200, 10, 10))  # not square: Qwen's image tokens follow its shape
     image = dict(id="img", task="image_heavy", image=photo, question="What is shown in this picture ?",
                  options=["cat", "dog", "car"], answer=2, source="t", facts={"0": "This is a dog in a field ."})
@@ -742,18 +785,18 @@ def test_n_tokens_is_the_length_collate_gives(processors, name):
             perturb.perturb(text, "orig", 0, size=side), perturb.perturb(text, "fb", 0, size=side), chat]
     for s in rows:
         for train in (True, False):
-            ids = M.collate(p, [s], train=train)["input_ids"][0]
-            assert M.n_tokens(p, s, s["image"].size, train) == len(ids), (s["id"], s["intervention"], train)
+            ids = P.collate(p, [s], train=train)["input_ids"][0]
+            assert P.n_tokens(p, s, s["image"].size, train) == len(ids), (s["id"], s["intervention"], train)
         if not name.endswith("instructblip"):  # LLaVA and Qwen expand a placeholder; InstructBLIP prepends
-            assert M.n_image_tokens(p, s["image"].size) == int((ids == p.image_token_id).sum())
+            assert P.n_image_tokens(p, s["image"].size) == int((ids == p.image_token_id).sum())
         else:
-            assert M.n_image_tokens(p, s["image"].size) == p.num_query_tokens
+            assert P.n_image_tokens(p, s["image"].size) == p.num_query_tokens
     if name == "real-qwen2.5-vl":
-        assert M.n_image_tokens(p, (333, 150)) == 12 * 5 != M.n_image_tokens(p, (side, side))  # 28 px per token
+        assert P.n_image_tokens(p, (333, 150)) == 12 * 5 != P.n_image_tokens(p, (side, side))  # 28 px per token
 
 
 def _collated_lengths(processor, samples):
-    return [M.collate(processor, [perturb.perturb(s, "orig", 0, size=M.image_size(processor))])["input_ids"].shape[1]
+    return [P.collate(processor, [perturb.perturb(s, "orig", 0, size=P.image_size(processor))])["input_ids"].shape[1]
             for s in samples]
 
 
@@ -791,7 +834,7 @@ def test_a_row_longer_than_measured_stops_in_one_line_naming_the_sample(toy, tmp
     """collate's exact check stays behind the estimate: should it miss a row, the run stops with a line, not a
     traceback."""
     data, models = toy
-    monkeypatch.setattr(M, "lengths", lambda processor, samples, sizes, train=True, style="ours": [1] * len(samples))
+    monkeypatch.setattr(P, "lengths", lambda processor, samples, sizes, train=True, style="ours": [1] * len(samples))
     with pytest.raises(SystemExit, match=r"^error: sample '[^']+'.*: \d+ tokens with its answer .* more than "
                                          r"max_length=30; truncating would cut the answer \(raise max_length\)$"):
         _train(["--model", models["llava"], "--data", data, "--out", str(tmp_path / "out"), "--max-length", "30",

@@ -121,7 +121,7 @@ def make_parts(family, words=(), hidden=32, layers=2, heads=2, vision_hidden=32,
         ip = GotOcr2ImageProcessorPil(size={"height": image, "width": image}, image_mean=[0.485, 0.456, 0.406],
                                       image_std=[0.229, 0.224, 0.225], crop_to_patches=False, min_patches=1,
                                       max_patches=12)
-        processor = M.InternVLImageProcessor(ip, tok, image_seq_length=config.image_seq_length)
+        processor = M.FAMILIES[family]["processor"](ip, tok, image_seq_length=config.image_seq_length)
     elif family == "instructblip":
         config = transformers.InstructBlipConfig(
             vision_config=dict(**vision, image_size=image, patch_size=patch),

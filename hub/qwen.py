@@ -21,6 +21,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model as M
+import prompts as P
 
 HERE = Path(__file__).resolve().parent
 HUB = HERE / "Qwen--Qwen2.5-VL-3B-Instruct"
@@ -150,7 +151,7 @@ def make_tiny_qwen(folder, seed=0, **dims):
     """A random-init Qwen2_5_VLForConditionalGeneration with the real tokenizer and pixel budget, saved by
     model.save so that model.load(folder) reads it as it reads a hub download."""
     torch.manual_seed(seed)
-    processor = M.QwenImageProcessor(image_processor=image_processor(), tokenizer=tokenizer())
+    processor = P.QwenImageProcessor(image_processor=image_processor(), tokenizer=tokenizer())
     os.makedirs(folder, exist_ok=True)
     model = transformers.Qwen2_5_VLForConditionalGeneration(tiny_config(**dims))
     # the hub's, not one derived from config.json: it also ends a reply at <|endoftext|>

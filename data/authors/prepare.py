@@ -1,5 +1,5 @@
-"""The authors' released files in SPEC section 1 format, options in letter order, facts keyed by a letter
-or an option text turned into option-index keys (an entry naming no option is dropped and counted).
+"""The authors' released files in our sample format (docs/format.md, 'A sample'), options in letter order, facts
+keyed by a letter or an option text turned into option-index keys (an entry naming no option is dropped and counted).
 multiple_choice_data*.json (question, multiple_choices, multiple_choices_answer, image, facts) do not say
 the task: --task. SEED-Bench's name the image by data_id, no extension (video items are skipped and
 counted). source_train_data.json (id, type, image, "Question:/Option:" prompt, answer letter, facts) gives
@@ -24,6 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import perturb  # noqa: E402  (the project root: the sample format)
+from data import common  # noqa: E402  (data/common.py: safe names, paths under --out, the JSONL writer)
 
 FILES = {"multiple_choice_data_train.json": "train", "multiple_choice_data_test.json": "test",
          "multiple_choice_data.json": "test", "source_train_data.json": "train"}
@@ -56,13 +57,13 @@ def save_image(item, roots, out, split, index):
     if found and (os.path.isdir(found) or found.lower().endswith(VIDEO)):  # SEED-Bench video frames or clips
         return None, "video"
     if found:
-        if not perturb.readable_image(found):
+        if not common.readable_image(found):
             return None, "unreadable image"
         # named by the item's path, each part made safe: a/1.png and b/1.png stay two images
         rel = os.path.normpath(name).replace(os.sep, "/") + ("" if os.path.splitext(name)[1]
                                                              else os.path.splitext(found)[1])
-        rel = f"images/{split}/" + perturb.safe_name(rel, folders=True)
-        dest = perturb.inside(out, rel)
+        rel = f"images/{split}/" + common.safe_name(rel, folders=True)
+        dest = common.inside(out, rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.copyfile(found, dest)
         return rel, None
@@ -71,12 +72,12 @@ def save_image(item, roots, out, split, index):
             data = base64.b64decode(name)
         except (binascii.Error, ValueError):
             return None, "unreadable image"
-        if not perturb.readable_image(io.BytesIO(data)):
+        if not common.readable_image(io.BytesIO(data)):
             return None, "unreadable image"
         im = Image.open(io.BytesIO(data))
         rel = f"images/{split}/{index:06d}.png"
         os.makedirs(os.path.join(out, "images", split), exist_ok=True)
-        (im if im.format == "PNG" else perturb.to_rgb(im)).save(perturb.inside(out, rel))
+        (im if im.format == "PNG" else perturb.to_rgb(im)).save(common.inside(out, rel))
         return rel, None
     return None, "missing image"
 
@@ -193,7 +194,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for path, split in files:
         rows, skipped = convert(path, split, args)
-        perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped)
+        common.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import perturb  # noqa: E402  (the project root: the sample format)
+from data import common  # noqa: E402  (data/common.py: safe names, paths under --out, the JSONL writer)
 
 QUESTION = "What is the main object in the image?"
 DROPPED = {"BACKGROUND_Google": "not a class", "Faces_easy": "duplicate of Faces"}
@@ -72,7 +72,7 @@ def main(argv=None):
     skipped = {"test": collections.Counter(), "train": collections.Counter()}
 
     def usable(split, path):
-        why = "missing image" if not os.path.isfile(path) else "" if perturb.readable_image(path) else "unreadable image"
+        why = "missing image" if not os.path.isfile(path) else "" if common.readable_image(path) else "unreadable image"
         if why:
             skipped[split][why] += 1
         return not why
@@ -104,12 +104,12 @@ def main(argv=None):
             cls, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
             options = [label] + rng.sample([c for c in labels if c != label], args.n_options - 1)
             rng.shuffle(options)
-            image = f"images/{split}/" + perturb.safe_name(f"{cls}-{name}")
-            shutil.copyfile(path, perturb.inside(args.out, image))
+            image = f"images/{split}/" + common.safe_name(f"{cls}-{name}")
+            shutil.copyfile(path, common.inside(args.out, image))
             rows.append(dict(id=f"caltech101-{split}-{cls}-{os.path.splitext(name)[0]}", task="image_heavy",
                              image=image, question=QUESTION, options=options, answer=options.index(label),
                              source="caltech101"))
-        perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped[split])
+        common.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped[split])
 
 
 if __name__ == "__main__":

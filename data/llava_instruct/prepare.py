@@ -1,7 +1,7 @@
 """LLaVA-1.5 instruction data (llava_v1_5_mix665k.json style) as free-form VQA training samples: the
-answer is the assistant's reply text and options is null (our extension of SPEC section 1). One sample
-per conversation from its first exchange; --all-turns gives one per exchange. Conversations without
-an image are skipped. Images go under --out/images/ by their path under --images, as hard links (no
+answer is the assistant's reply text and options is null (our extension of the sample format: docs/format.md,
+'A sample'). One sample per conversation from its first exchange; --all-turns gives one per exchange.
+Conversations without an image are skipped. Images go under --out/images/ by their path under --images, as hard links (no
 space used), symbolic links where --out is on another filesystem, or with --copy-images as copies: a
 JSONL's images must lie inside its folder.
   python data/llava_instruct/prepare.py --src llava_v1_5_mix665k.json [--images ROOT --all-turns --copy-images]
@@ -15,7 +15,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import perturb  # noqa: E402  (the project root: the sample format)
+from data import common  # noqa: E402  (data/common.py: safe names, paths under --out, the JSONL writer)
 
 
 def clean(text):
@@ -78,11 +78,11 @@ def main(argv=None):
         name = os.path.normpath(item["image"]).replace(os.sep, "/")
         if os.path.isabs(item["image"]) or name.startswith("../"):
             sys.exit(f"{where}: image {item['image']!r} is not inside --images (image paths must be relative to it)")
-        rel = "images/" + perturb.safe_name(name, folders=True)
+        rel = "images/" + common.safe_name(name, folders=True)
         if rel not in placed:
-            placed[rel] = perturb.readable_image(image)
+            placed[rel] = common.readable_image(image)
             if placed[rel]:
-                place(image, perturb.inside(args.out, rel), args.copy_images)
+                place(image, common.inside(args.out, rel), args.copy_images)
         if not placed[rel]:
             skipped["conversations with an unreadable image"] += 1
             continue
@@ -97,7 +97,7 @@ def main(argv=None):
                              source="llava_instruct", source_id=str(item.get("id", ""))))
     os.makedirs(args.out, exist_ok=True)
     print(f"{len(rows)} samples from {len(data)} conversations")
-    perturb.write_samples(os.path.join(args.out, "train.jsonl"), rows, skipped)
+    common.write_samples(os.path.join(args.out, "train.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import perturb  # noqa: E402  (the project root: the sample format)
+from data import common  # noqa: E402  (data/common.py: safe names, paths under --out, the JSONL writer)
 
 QUESTION = "What is the main object in the image?"
 EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -127,13 +127,13 @@ def main(argv=None):
             if not os.path.isfile(path):
                 skipped["missing image"] += 1
                 continue
-            if not perturb.readable_image(path):
+            if not common.readable_image(path):
                 skipped["unreadable image"] += 1
                 continue
             options = [label[cls]] + rng.sample([c for c in labels if c != label[cls]], args.n_options - 1)
             rng.shuffle(options)
-            image = f"images/{split}/" + perturb.safe_name(f"{cls}-{os.path.basename(path)}")  # cls: a csv's text
-            shutil.copyfile(path, perturb.inside(args.out, image))
+            image = f"images/{split}/" + common.safe_name(f"{cls}-{os.path.basename(path)}")  # cls: a csv's text
+            shutil.copyfile(path, common.inside(args.out, image))
             stem = os.path.splitext(os.path.basename(path))[0]
             rows.append(dict(id=f"miniimagenet-{split}-{cls}-{stem}", task="image_heavy", image=image,
                              question=QUESTION, options=options, answer=options.index(label[cls]),
@@ -142,7 +142,7 @@ def main(argv=None):
             continue
         if len(rows) < n:
             print(f"note: asked for {n} {split} images, only {len(rows)} were left")
-        perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped)
+        common.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":

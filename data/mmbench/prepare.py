@@ -20,6 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import perturb  # noqa: E402  (the project root: the sample format)
+from data import common  # noqa: E402  (data/common.py: safe names, paths under --out, the JSONL writer)
 
 CIRCULAR = 1_000_000  # VLMEvalKit: pass k of question i has index i + k * 1e6
 
@@ -89,17 +90,17 @@ def main(argv=None):
             if len(set(options)) < len(options) or len(options) < 2:
                 skipped["duplicate or too few options"] += 1
                 continue
-            out_image = f"images/{perturb.safe_name(holder)}.png"
+            out_image = f"images/{common.safe_name(holder)}.png"
             if holder not in saved:  # each image is written once, however many rows show it
                 try:
                     data = base64.b64decode(image, validate=False)
                 except (binascii.Error, ValueError):
                     data = b""
-                if not perturb.readable_image(io.BytesIO(data)):
+                if not common.readable_image(io.BytesIO(data)):
                     skipped["missing or undecodable image"] += 1
                     continue
                 im = Image.open(io.BytesIO(data))
-                (im if im.format == "PNG" else perturb.to_rgb(im)).save(perturb.inside(args.out, out_image))
+                (im if im.format == "PNG" else perturb.to_rgb(im)).save(common.inside(args.out, out_image))
                 saved.add(holder)
             hint, question = row.get("hint"), row["question"].strip()
             sample = dict(id=f"mmbench-test-{index}", task="vqa", image=out_image,
@@ -114,7 +115,7 @@ def main(argv=None):
     questions = len({r.get("question_id", r["id"]) for r in rows})
     print(f"{questions} questions: " + (f"{len(rows)} CircularEval passes, tied by question_id" if args.circular
                                           else "one sample each, the pass with index < 1e6"))
-    perturb.write_samples(os.path.join(args.out, "test.jsonl"), rows, skipped)
+    common.write_samples(os.path.join(args.out, "test.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import perturb  # noqa: E402  (the project root: the sample format)
+from data import common  # noqa: E402  (data/common.py: safe names, paths under --out, the JSONL writer)
 
 LETTERS = "ABCD"
 SPLITS = {"auxiliary_train": "train", "train": "train", "dev": "train", "val": "validation",
@@ -106,7 +106,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for split in ("train", "validation", "test"):
         if split in rows or split in skipped:
-            perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows[split], skipped[split])
+            common.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows[split], skipped[split])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import perturb  # noqa: E402  (the project root: the sample format)
+from data import common  # noqa: E402  (data/common.py: safe names, paths under --out, the JSONL writer)
 
 SPLITS = {"train": "train", "dev": "validation", "validation": "validation", "test": "test"}
 FILE = re.compile(r"^(train|dev|validation|test)([-.][^/]*)?\.(jsonl|parquet)$")
@@ -92,7 +92,7 @@ def main(argv=None):
                     rows.append(dict(id=f"openbookqa-{split}-{id_}", task="text_heavy", image=None,
                                      question=stem.strip(), options=texts, answer=labels.index(key),
                                      source="openbookqa"))
-        perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped)
+        common.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import perturb  # noqa: E402  (the project root: the sample format)
+from data import common  # noqa: E402  (data/common.py: safe names, paths under --out, the JSONL writer)
 
 SPLITS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 
@@ -104,16 +105,16 @@ def main(argv=None):
         if not isinstance(image, bytes) and not os.path.isfile(image):
             skipped[split]["missing image"] += 1
             continue
-        if not perturb.readable_image(io.BytesIO(image) if isinstance(image, bytes) else image):
+        if not common.readable_image(io.BytesIO(image) if isinstance(image, bytes) else image):
             skipped[split]["unreadable image"] += 1
             continue
-        out_image = f"images/{split}/{perturb.safe_name(sid)}.png"  # sid: a key of problems.json
+        out_image = f"images/{split}/{common.safe_name(sid)}.png"  # sid: a key of problems.json
         os.makedirs(os.path.join(args.out, "images", split), exist_ok=True)
         if isinstance(image, bytes):
             im = Image.open(io.BytesIO(image))
-            (im if im.format == "PNG" else perturb.to_rgb(im)).save(perturb.inside(args.out, out_image))
+            (im if im.format == "PNG" else perturb.to_rgb(im)).save(common.inside(args.out, out_image))
         else:
-            shutil.copyfile(image, perturb.inside(args.out, out_image))
+            shutil.copyfile(image, common.inside(args.out, out_image))
         hint = str(item.get("hint") or "").strip()
         rows[split].append(dict(id=f"scienceqa-{split}-{sid}", task="vqa", image=out_image,
                                 question=f"Context: {hint}\n{question.strip()}" if hint else question.strip(),
@@ -128,7 +129,7 @@ def main(argv=None):
             print(f"note: no {split} image folder beside problems.json, so no {split}.jsonl "
                   f"(extract that split's images to convert it)")
         elif split in rows or split in skipped:
-            perturb.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows[split], skipped[split])
+            common.write_samples(os.path.join(args.out, f"{split}.jsonl"), rows[split], skipped[split])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """SEED-Bench-IMG as VQA questions: the image items of SEED-Bench.json (video items are skipped), the
 four choices A-D in order; images are looked up as <images>/<data_id> (with .jpg/.png tried when the
-id has no extension) and copied to images/ under their path below --images, made safe (perturb.safe_name).
+id has no extension) and copied to images/ under their path below --images, made safe (common.safe_name).
 All of SEED-Bench is a test set.
   python data/seedbench/prepare.py --src SEED-Bench.json [--images SEED-Bench-image --out data/seedbench]
 """
@@ -12,7 +12,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import perturb  # noqa: E402  (the project root: the sample format)
+from data import common  # noqa: E402  (data/common.py: safe names, paths under --out, the JSONL writer)
 
 LETTERS = "ABCD"
 
@@ -70,10 +70,10 @@ def main(argv=None):
             skipped["missing image"] += 1
             continue
         if source not in copied:  # named by the path under --images: a/1.png and b/1.png are two images
-            rel = "images/" + perturb.safe_name(os.path.relpath(source, images).replace(os.sep, "/"), folders=True)
-            copied[source] = rel if perturb.readable_image(source) else None
+            rel = "images/" + common.safe_name(os.path.relpath(source, images).replace(os.sep, "/"), folders=True)
+            copied[source] = rel if common.readable_image(source) else None
             if copied[source]:
-                dest = perturb.inside(args.out, copied[source])
+                dest = common.inside(args.out, copied[source])
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 shutil.copyfile(source, dest)
         if copied[source] is None:
@@ -82,7 +82,7 @@ def main(argv=None):
         rows.append(dict(id=f"seedbench-test-{qid}", task="vqa", image=copied[source], question=question.strip(),
                          options=options, answer=LETTERS.index(answer), source="seedbench",
                          question_type_id=q.get("question_type_id")))
-    perturb.write_samples(os.path.join(args.out, "test.jsonl"), rows, skipped)
+    common.write_samples(os.path.join(args.out, "test.jsonl"), rows, skipped)
 
 
 if __name__ == "__main__":
