@@ -223,7 +223,7 @@ def vision_share(arch, length):
 
 def hook_batch(data, processor, batch_size):
     """batch_size originals at the paper's mix (1/4 image-heavy, 1/4 text-heavy, 1/2 VQA), each heavy one
-    with a twin (MD, FB), as ours' micro-batch."""
+    with a twin (MD, FB), as ours' micro-batch, with the ids and pairs train.loss_parts reads."""
     import random
 
     import perturb
@@ -232,64 +232,64 @@ def hook_batch(data, processor, batch_size):
     q = max(batch_size // 4, 1)
     rows = by_task["image_heavy"][:q] + by_task["text_heavy"][:q] + by_task["vqa"][:batch_size - 2 * q]
     rng = random.Random(0)
-    rows += [perturb.perturb(s, "md", rng, pool="train") for s in by_task["image_heavy"][:q]]
-    rows += [perturb.perturb(s, "fb", rng) for s in by_task["text_heavy"][:q]]
-    return P.collate(processor, rows)
+    twins = [perturb.perturb(s, "md", rng, pool="train") for s in by_task["image_heavy"][:q]]
+    twins += [perturb.perturb(s, "fb", rng) for s in by_task["text_heavy"][:q]]
+    batch = P.collate(processor, rows + twins)
+    batch["ids"] = [s["id"] for s in rows] + [f"{s['id']}/{s['intervention']}" for s in twins]
+    batch["pairs"] = [(i, len(rows) + i) for i in range(2 * q)]
+    return batch
 
 
-def ours_pass(model, batch, hook, pgd_steps, laps):
-    """train.py's loss_parts for `ours` without L_cons (L_sft + L_adv, PGD), today's path or the hook's;
-    adds seconds per phase to laps and returns the loss."""
-    import losses
-    t = time.perf_counter()
-    labels, n = batch["labels"], len(batch["labels"])
-    if hook:
-        image_mask = batch["input_ids"] == model.config.image_token_id
-    else:
-        embeds, image_mask = M.embed(model, batch)
-    laps["embed"] += time.perf_counter() - t
-    keep = (labels[:, 1:] != losses.IGNORE).any(0).nonzero().flatten()
-    targets = labels[:, keep + 1]
-    mask = losses.modality_mask(batch["tasks"], image_mask, labels, batch["attention_mask"])
-    adv = [r for r in range(n) if mask[r].any()]
-    sub = image_rows(batch, adv)
-    shape = (len(adv), labels.shape[1], model.config.get_text_config().hidden_size)
-    base = torch.zeros(shape) if hook else embeds[adv].detach()
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+class HookStep(torch.nn.Module):
+    """train.Step on the hook path, a drop-in for train.loss_parts: the embeddings it hands out are zeros, so what
+    loss_parts adds to them (delta) is all the hook adds, at the first decoder layer of the model's own forward
+    (vision tower included in every pass, which is why its passes need the images: `keys`)."""
 
-    def attacked(d):
-        out = hook_logits(model, sub, d, keep) if hook else M.logits(model, base + d, sub, keep)
-        return losses.sft_loss(out, targets[adv], shift=False)
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.keys = (*M.FAMILIES[M.family(model)]["lm_keys"], "pixel_values")
 
+    def forward(self, batch, embeds=None, keep=None, past=None, stop=None, grad=False):
+        if embeds is None:
+            ids = batch["input_ids"]
+            return (torch.zeros(*ids.shape, self.model.config.get_text_config().hidden_size),
+                    ids == self.model.config.image_token_id)
+        return hook_logits(self.model, batch, embeds, keep)
+
+
+def ours_pass(step, batch, args, laps):
+    """train.loss_parts (the plain path) of `ours` without L_cons (L_sft + L_adv, PGD) on train.Step or HookStep,
+    and its backward; adds seconds per phase to laps and returns the loss."""
+    import train
+    from profiling import Profile
+    prof = Profile(True, torch.device("cpu"))
+    totals = train.token_counts(batch, step.model.config.image_token_id, args)
+    sft, adv, _ = train.loss_parts(step, batch, 0, totals, args, prof)
     t = time.perf_counter()
-    delta = losses.pgd(attacked, base, mask[adv], 1e-3, 0.1, pgd_steps, noise=noise)
-    laps["pgd"] += time.perf_counter() - t
-    t = time.perf_counter()
-    if hook:
-        logits = hook_logits(model, cat_batches(batch, sub), torch.cat([torch.zeros(n, *shape[1:]), delta]), keep)
-    else:
-        logits = M.logits(model, torch.cat([embeds, embeds[adv] + delta]), cat_batches(batch, sub), keep)
-    loss = losses.sft_loss(logits[:n], targets, shift=False) + losses.sft_loss(logits[n:], targets[adv], shift=False)
-    laps["forward"] += time.perf_counter() - t
-    t = time.perf_counter()
-    loss.backward()
-    model.zero_grad(set_to_none=True)
+    (sft + adv).backward()
+    step.model.zero_grad(set_to_none=True)
     laps["backward"] += time.perf_counter() - t
-    return loss.item()
+    for k, v in prof.phases.items():  # PGD's steps and its noise together
+        laps[k if k in ("embed", "forward") else "pgd"] += v
+    return (sft + adv).item()
 
 
 def hook_bench(args):
     """Today's PGD path against the hook's on one `ours` micro-batch, in this process (train.py has no hook)."""
     folder, data = prepare(args)
+    import train
     model, processor = M.load(folder)
     M.train_mode(M.freeze(model))
     batch = hook_batch(data, processor, args.batch_size)
     pgd_steps, names = 2, ("embed", "pgd", "forward", "backward")  # the paper's T
-    steps = {"today": [], "hook": []}
+    # ours without L_cons; PGD on every non-answer text position, which is what the hook path can address
+    train_args = train.parse(["--cons", "none", "--pgd-scope", "template", "--pgd-steps", str(pgd_steps)])
+    steps, paths = {"today": [], "hook": []}, {"today": train.Step(model), "hook": HookStep(model)}
     for _ in range(args.warmup + args.steps):  # alternating: a busy spell of the shared cores hits both paths
         for name in steps:
             steps[name].append(dict.fromkeys(names, 0.0))
-            steps[name][-1]["loss"] = ours_pass(model, batch, name == "hook", pgd_steps, steps[name][-1])
+            steps[name][-1]["loss"] = ours_pass(paths[name], batch, train_args, steps[name][-1])
     # each phase's least time over the timed steps: the noise of shared cores only adds
     rows = {name: {k: min(s[k] for s in kept[args.warmup:]) for k in names} for name, kept in steps.items()}
 
@@ -422,6 +422,7 @@ def eval_bench(args):
     the toy test data: (sample, intervention) rows per second per task under all its interventions, the batches
     evaluate.py makes (args.batch_size jobs), their prompts made beforehand (the model's time only)."""
     import evaluate
+    import shortcuts
     import perturb
     folder, train = prepare(args)
     model, processor = M.load(folder)
@@ -436,7 +437,7 @@ def eval_bench(args):
              "|---|---|---|---|---|---|---|"]
     for task in ("image_heavy", "text_heavy"):
         mine = [j for j in jobs if j[0]["task"] == task]
-        batches = [[apply(*mine[i]) for i in b] for b in evaluate.make_batches(mine, args.batch_size, apply)]
+        batches = [[apply(*mine[i]) for i in b] for b in shortcuts.make_batches(mine, args.batch_size, apply)]
         batches = [(b, evaluate.prompts(processor, b)) for b in batches]
         rate, probs = {}, {}
         for on in (True, False, True, False):  # each twice: the first of each warms up

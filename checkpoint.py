@@ -4,6 +4,7 @@ and whether its settings match this run's, metrics.jsonl, and the exported Huggi
                       (torch.distributed.checkpoint: any number of processes resumes them), each rank's RNG states
   OUT/metrics.jsonl   one line per optimizer step
   OUT/config.json, model.safetensors, ...   the trained model (a LoRA run: its adapter), written at the end
+and of evaluate.py: OUT/predictions.jsonl, and OUT/run.json, the settings that made them.
 """
 import errno
 import json
@@ -22,6 +23,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import model as M
 import perturb
+
+class RunError(ValueError):
+    """A run that must not start or go on; the message names the file or flag, and what to do."""
+
 
 CKPT = re.compile(r"ckpt-\d{8}")  # the only folders resume reads and pruning deletes: a user's ckpt-best is theirs
 EXPORT = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json")
@@ -236,3 +241,64 @@ def export(args, step_model, hf_model, peft_model, processor, replacing, old_exp
         os.replace(os.path.join(tmp, name), os.path.join(args.out, name))
     os.rmdir(tmp)
     return full
+
+
+# ---- evaluate.py's folder: predictions.jsonl and the run.json of the settings that made them ------------
+def read_predictions(path):
+    """Complete lines of a predictions file (a run killed mid-write may leave a cut last line)."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.endswith("\n") or not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    row = e
+                if not isinstance(row, dict) or not {"id", "intervention"} <= row.keys():
+                    raise RunError(f"{path}:{lineno}: not a predictions line ({row}): delete the line to score "
+                                   "it again, or pass --overwrite to start over")
+                rows.append(row)
+    return rows
+
+
+# Settings an evaluate.py run.json written before they existed lacks, with the value those runs used.
+EARLIER_EVAL = {"prompt": "ours", "score": "logits", "facts_file": None, "facts_replacement": False, "canvas_size": None}
+
+
+def evaluation_rows(out, now, resume, overwrite):
+    """The rows of OUT/predictions.jsonl to keep. Predictions of other settings are refused: a fresh run
+    would silently replace them, a resume would mix them with ours; --overwrite replaces them."""
+    path, saved_path = os.path.join(out, "predictions.jsonl"), os.path.join(out, "run.json")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"{out}: --out is a file, not a folder (choose another --out)")
+    if overwrite or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return []
+    try:
+        with open(saved_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict):
+        saved = {**EARLIER_EVAL, **saved}
+    if saved != now:
+        why = "; ".join(changes(saved, now)) if isinstance(saved, dict) else \
+            f"{saved_path} is missing or unreadable, so which settings made them is unknown"
+        raise RunError(f"{path} holds predictions of other settings ({why}): pass --overwrite to replace them "
+                       f"(and the diagnosis.json beside them), or choose another --out")
+    return read_predictions(path) if resume else []
+
+
+def start_evaluation(out, now, previous):
+    """Write run.json and what we keep of the predictions; remove the diagnosis of the old file."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        if os.path.exists(os.path.join(out, "diagnosis.json")):  # it describes the old predictions
+            os.remove(os.path.join(out, "diagnosis.json"))
+        with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
+            json.dump(now, f, indent=1)
+        with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:  # a cut last line goes
+            f.writelines(json.dumps(r) + "\n" for r in previous)
+    except OSError as e:
+        raise RunError(f"{out}: cannot write there ({e.strerror}): choose a writable --out") from None

@@ -12,40 +12,19 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import model as M
 import perturb
 import prompts as P
-
-
-_last_print = [0.0]
-
-
-class RunError(ValueError):
-    """A run that must not start or go on; the message names the file or flag, and what to do."""
-
-
-def progress(done, total, t0, unit="samples", extra="", every=30.0):
-    """Count, rate and time left on stderr. In a terminal one self-overwriting line, at most twice a
-    second; in a file (torchrun, a batch scheduler) a plain line at most every `every` seconds and at the
-    end, where self-overwriting updates would pile up into one line of thousands of characters."""
-    tty = sys.stderr.isatty()
-    if done < total and time.time() - _last_print[0] < (0.5 if tty else every):
-        return
-    _last_print[0] = time.time()
-    rate = done / max(time.time() - t0, 1e-9)
-    eta = (total - done) / rate if rate > 0 else 0
-    line = f"{done}/{total} {unit} | {rate:.1f} {unit}/s | ETA {int(eta) // 60}:{int(eta) % 60:02d} {extra}"
-    if tty:
-        print("\r" + line, end="\n" if done >= total else "", file=sys.stderr, flush=True)
-    else:
-        print(line.rstrip(), file=sys.stderr, flush=True)
+from checkpoint import RunError
+from profiling import progress
+from shortcuts import make_batches, shared_logits
 
 
 def rng_for(seed, sample, name):
@@ -91,25 +70,6 @@ def load_data(paths, interventions, ri_folder=None):
     return jobs, ri_images
 
 
-def make_batches(jobs, batch_size, apply):
-    """Jobs cut into batches by rendered length (little padding), an image-heavy sample's jobs (orig, uf, md: one
-    image, other texts) kept together where batch_size allows, so that score() shares their image and prefix. The
-    batches depend only on the data, never on the number of processes, so every process count computes the same
-    numbers."""
-    # size=1: only the text matters here, so canvases and random pixels are drawn 1 px wide
-    length = [len(perturb.render(apply(*job, size=1))) for job in jobs]
-    groups = {}
-    for i, (s, _) in enumerate(jobs):
-        groups.setdefault(("sample", s["id"]) if s["task"] == "image_heavy" else ("job", i), []).append(i)
-    batches = []
-    for group in sorted(groups.values(), key=lambda g: (max(length[i] for i in g), g[0])):
-        for part in (group[k:k + batch_size] for k in range(0, len(group), batch_size)):
-            if not batches or len(batches[-1]) + len(part) > batch_size:
-                batches.append([])
-            batches[-1] += part
-    return batches
-
-
 def context_length(model):
     """The language model's context in tokens (None where its config does not say)."""
     return getattr(getattr(model.config, "text_config", model.config), "max_position_embeddings", None)
@@ -144,31 +104,6 @@ def score(model, processor, samples, letter_ids, max_length=None, style="ours", 
     return [torch.softmax(rows[i, letter_ids[:len(s["options"])]], -1).tolist() for i, s in enumerate(samples)]
 
 
-def shared_logits(model, samples, inputs, stop, keep):
-    """score()'s logits, each distinct image through the vision tower once (M.embed_once) and the positions where
-    an image-heavy sample's rows (orig, uf, md) have equal input embeddings and attention mask (compared: not so
-    for InstructBLIP, whose query tokens read the instruction) through the language model once a sample: the rest
-    of each row runs on top of their keys and values (M.prefix), from one position for the whole batch (the least,
-    and before every row's last token) so that the prefix and the rest are a pass each.
-    Text-heavy interventions (rp, ri, fb, fw) share the text but change the image, which comes before the text in
-    every template: their rows agree on the template's first tokens only, so their text is computed once per row
-    (it attends to another image in each), a whole pass a row; only the vision tower is shared where the pixels
-    are (orig and rp: the same random pixels; fb and fw: the same canvas for every sample)."""
-    embeds, _ = M.embed_once(model, inputs)
-    first = {}
-    rep = [first.setdefault(s["id"], r) if s["task"] == "image_heavy" else r for r, s in enumerate(samples)]
-    mask = inputs["attention_mask"]
-    same = (embeds == embeds[rep]).all(-1) & (mask == mask[rep])  # (B, L): agrees with its sample's first row
-    start = min(stop, int(same.int().cumprod(1).sum(1).min()))
-    if start == 0 or rep == list(range(len(rep))):  # nothing shared, or no one to share with
-        return M.logits(model, embeds, inputs, keep)
-    reps = sorted(set(rep))
-    past = M.prefix(model, embeds[reps], {k: inputs[k][reps] for k in M.FAMILIES[M.family(model)]["lm_keys"]}, start)
-    index = torch.tensor([reps.index(q) for q in rep], device=embeds.device)
-    past = [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
-    return M.logits(model, embeds[:, start:], inputs, keep, past)
-
-
 def left_padded(batch):
     """A right-padded batch with its padding moved to the left of each row. generate appends after the last
     column, so a right-padded row would continue after its pads. Only the language model's sequences move:
@@ -199,55 +134,6 @@ def generate(model, processor, samples, max_new_tokens=10, repetition_penalty=1.
     return processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
 
 
-# How a generated answer names its option, in parse_answer's order. The authors (modules/utils/read_utils.py
-# extract_final_choice, used by src/predict.py; src/evaluate_IMoF.py has the same without \b) take the first
-# match of \b([A-Za-z])\b (caltech-101, mini-imagenet) or \b([A-Da-d])\b (the others), uppercased, and ask
-# again once with "Please directly choose the option with option number. No further explanation." appended
-# when nothing matched (retry_thres 2 in configs/model_inference/); analysis/evaluate/evaluate_mc.py and
-# src/batch_evaluate.py then match \b[A-Z]\b|[A-Z](?=\s|:) against the gold letter. Where we differ, and why:
-# - the article: their pattern reads "a dog is shown" (and "I think ...") as option A (I); we read a one-letter
-#   English word followed by another word as that word, unless the words after it are its option's text;
-# - a lowercase letter counts only where it cannot be prose: the whole answer ("b", "b."), in parentheses
-#   ("(b)"), or after "answer", "option", "choice" or "is" ("answer: b");
-# - a letter past the sample's options is no answer ("E" of four options; theirs takes any A-Z on caltech-101);
-# - an answer that is, or names, exactly one option's text counts as that option ("dog", "a dog"), and a letter
-#   inside an option's text ("vitamin C") is no letter;
-# - no retry: asking again with another prompt only for the samples that failed would score those under a
-#   second prompt; unparsed answers count as wrong and evaluate.py prints how many there were.
-LETTER = re.compile(r"(?<![\w'.-])(\()?([A-Za-z])(?(1)\))(?![\w'-]|\.\w)")  # not in "it's", "T-shirt", "U.S."
-CUE = re.compile(r"\b(?:answer|option|choice|is)\s*[:-]?\s*$", re.I)
-WORD_AFTER = re.compile(r"\s+(?!is\b)[A-Za-z]")  # "A dog", "I think"; "A is right" names the letter
-PUNCT = " \t\n.,:;!?()[]*\"'"
-
-
-def parse_answer(text, options):
-    """The index of the option a generated answer names, or None (nothing, or no single option)."""
-    t, n = (text or "").strip(), len(options)
-    bare = t.strip(PUNCT)
-    if len(bare) == 1 and bare.isalpha():  # "B", "b.", "(C)", "a"
-        i = ord(bare.upper()) - ord("A")
-        return i if i < n else None
-    for i, o in enumerate(options):
-        if bare.lower() == o.strip(PUNCT).lower():
-            return i
-    spans = [(i, m.span()) for i, o in enumerate(options) if o.strip()
-             for m in re.finditer(rf"(?<!\w){re.escape(o.strip())}(?!\w)", t, re.I)]
-    for m in LETTER.finditer(t):
-        paren, c = m.group(1), m.group(2)
-        i = ord(c.upper()) - ord("A")
-        if i >= n or any(a <= m.start(2) < b for _, (a, b) in spans):
-            continue
-        if c.islower() and not paren and not CUE.search(t[:m.start()]):
-            continue
-        if c in "AaI" and not paren and WORD_AFTER.match(t, m.end()) and not re.match(
-                rf"\s+{re.escape(options[i].strip())}(?!\w)", t[m.end():], re.I):
-            continue
-        return i
-    # an option's text: one option named, a match inside a longer option's match ("dog" in "hot dog") aside
-    named = {i for i, (a, b) in spans if not any(c <= a and b <= d and (c, d) != (a, b) for _, (c, d) in spans)}
-    return named.pop() if len(named) == 1 else None
-
-
 def unparsed(rows):
     """Per intervention, (answers no option could be read from, answers) of the generated rows."""
     out = {}
@@ -257,25 +143,6 @@ def unparsed(rows):
             k[0] += r["pred"] is None
             k[1] += 1
     return out
-
-
-def read_predictions(path):
-    """Complete lines of a predictions file (a run killed mid-write may leave a cut last line)."""
-    rows = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.endswith("\n") or not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    row = e
-                if not isinstance(row, dict) or not {"id", "intervention"} <= row.keys():
-                    raise RunError(f"{path}:{lineno}: not a predictions line ({row}): delete the line to score "
-                                   "it again, or pass --overwrite to start over")
-                rows.append(row)
-    return rows
 
 
 def settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dtype, scoring="logits",
@@ -293,60 +160,6 @@ def settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dt
                 facts_replacement=facts_replacement, canvas_size=canvas_size,
                 **(dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
                    if scoring == "generate" else {}))
-
-
-# Settings a run.json written before they existed lacks, with the value those runs used.
-EARLIER = {"prompt": "ours", "score": "logits", "facts_file": None, "facts_replacement": False, "canvas_size": None}
-
-
-def differences(saved, now):
-    """'name: X before, Y now' per setting that differs; for a table (data, weights) per entry."""
-    out = []
-    for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k), now.get(k)
-        if a != b and isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{k} {f}: {a.get(f)} before, {b.get(f)} now"
-                    for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
-        elif a != b:
-            out.append(f"{k}: {a!r} before, {b!r} now")
-    return out
-
-
-def check_out(out, now, resume, overwrite):
-    """The rows of OUT/predictions.jsonl to keep. Predictions of other settings are refused: a fresh run
-    would silently replace them, a resume would mix them with ours; --overwrite replaces them."""
-    path, saved_path = os.path.join(out, "predictions.jsonl"), os.path.join(out, "run.json")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise RunError(f"{out}: --out is a file, not a folder (choose another --out)")
-    if overwrite or not os.path.isfile(path) or os.path.getsize(path) == 0:
-        return []
-    try:
-        with open(saved_path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        saved = None
-    if isinstance(saved, dict):
-        saved = {**EARLIER, **saved}
-    if saved != now:
-        why = "; ".join(differences(saved, now)) if isinstance(saved, dict) else \
-            f"{saved_path} is missing or unreadable, so which settings made them is unknown"
-        raise RunError(f"{path} holds predictions of other settings ({why}): pass --overwrite to replace them "
-                       f"(and the diagnosis.json beside them), or choose another --out")
-    return read_predictions(path) if resume else []
-
-
-def start_out(out, now, previous):
-    """Write run.json and what we keep of the predictions; remove the diagnosis of the old file."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        if os.path.exists(os.path.join(out, "diagnosis.json")):  # it describes the old predictions
-            os.remove(os.path.join(out, "diagnosis.json"))
-        with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
-            json.dump(now, f, indent=1)
-        with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:  # a cut last line goes
-            f.writelines(json.dumps(r) + "\n" for r in previous)
-    except OSError as e:
-        raise RunError(f"{out}: cannot write there ({e.strerror}): choose a writable --out") from None
 
 
 def accuracy_table(rows):
@@ -404,8 +217,8 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
     verdict, previous = [None, set()], []
     if master:
         try:
-            previous = check_out(out, now, resume, overwrite)
-            start_out(out, now, previous)
+            previous = checkpoint.evaluation_rows(out, now, resume, overwrite)
+            checkpoint.start_evaluation(out, now, previous)
             verdict[1] = {(r["id"], r["intervention"]) for r in previous}
         except RunError as e:
             verdict[0] = str(e)
@@ -463,7 +276,7 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
             if scoring == "generate":
                 texts = generate(model, processor, chosen, max_new_tokens, repetition_penalty, max_length, style,
                                  batch)
-                found = [dict(probs=None, pred=parse_answer(t, s["options"]), text=t) for s, t in zip(chosen, texts)]
+                found = [dict(probs=None, pred=P.parse_answer(t, s["options"]), text=t) for s, t in zip(chosen, texts)]
             else:
                 found = [dict(probs=probs, pred=max(range(len(probs)), key=probs.__getitem__))
                          for probs in score(model, processor, chosen, letter_ids, max_length, style, batch,
@@ -486,7 +299,7 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
             progress(n_done, n_total, t0)
     rows = None
     if master:  # canonical order (data order, then intervention order), the same however the run went
-        latest = {(r["id"], r["intervention"]): r for r in read_predictions(path)}
+        latest = {(r["id"], r["intervention"]): r for r in checkpoint.read_predictions(path)}
         rows = [latest.pop((s["id"], name)) for s, name in jobs] + list(latest.values())
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

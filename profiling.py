@@ -1,13 +1,36 @@
-"""train.py --profile: seconds per phase of a step, peak memory, and how much of the attacked rows' positions PGD's
-passes covered (shortcuts.py fills it), written to metrics.jsonl for bench.py. Off, a lap costs nothing.
+"""What a run says of its own progress: the count, rate and time left of train.py's steps and evaluate.py's samples
+(progress), and train.py --profile: seconds per phase of a step, peak memory, and how much of the attacked rows'
+positions PGD's passes covered (shortcuts.py fills it), written to metrics.jsonl for bench.py.
 """
 import resource
+import sys
 import time
 
 import torch
 
+_last_print = [0.0]
+
+
+def progress(done, total, t0, unit="samples", extra="", every=30.0):
+    """Count, rate and time left on stderr. In a terminal one self-overwriting line, at most twice a
+    second; in a file (torchrun, a batch scheduler) a plain line at most every `every` seconds and at the
+    end, where self-overwriting updates would pile up into one line of thousands of characters."""
+    tty = sys.stderr.isatty()
+    if done < total and time.time() - _last_print[0] < (0.5 if tty else every):
+        return
+    _last_print[0] = time.time()
+    rate = done / max(time.time() - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else 0
+    line = f"{done}/{total} {unit} | {rate:.1f} {unit}/s | ETA {int(eta) // 60}:{int(eta) % 60:02d} {extra}"
+    if tty:
+        print("\r" + line, end="\n" if done >= total else "", file=sys.stderr, flush=True)
+    else:
+        print(line.rstrip(), file=sys.stderr, flush=True)
+
 
 class Profile:
+    """Off, a lap costs nothing."""
+
     def __init__(self, on=False, device=None):
         self.on, self.device = on, device
         self.new_step()

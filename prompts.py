@@ -4,6 +4,7 @@ path's processor and prompt row, read off the chat template of a model type in n
 module of ours but perturb: model.py imports this one, and puts its FAMILIES table here (below).
 """
 import json
+import re
 import os
 
 import torch
@@ -410,3 +411,53 @@ def _counted(processor, size):
         placeholder = tok.convert_tokens_to_ids(str(processor.image_token))
         processor.generic["counted"][size] = len(ids) - len(plain) + plain.count(placeholder)
     return processor.generic["counted"][size]
+
+
+# ---- the authors' protocol: which option a generated answer names ----------------------------------------
+# How a generated answer names its option, in parse_answer's order. The authors (modules/utils/read_utils.py
+# extract_final_choice, used by src/predict.py; src/evaluate_IMoF.py has the same without \b) take the first
+# match of \b([A-Za-z])\b (caltech-101, mini-imagenet) or \b([A-Da-d])\b (the others), uppercased, and ask
+# again once with "Please directly choose the option with option number. No further explanation." appended
+# when nothing matched (retry_thres 2 in configs/model_inference/); analysis/evaluate/evaluate_mc.py and
+# src/batch_evaluate.py then match \b[A-Z]\b|[A-Z](?=\s|:) against the gold letter. Where we differ, and why:
+# - the article: their pattern reads "a dog is shown" (and "I think ...") as option A (I); we read a one-letter
+#   English word followed by another word as that word, unless the words after it are its option's text;
+# - a lowercase letter counts only where it cannot be prose: the whole answer ("b", "b."), in parentheses
+#   ("(b)"), or after "answer", "option", "choice" or "is" ("answer: b");
+# - a letter past the sample's options is no answer ("E" of four options; theirs takes any A-Z on caltech-101);
+# - an answer that is, or names, exactly one option's text counts as that option ("dog", "a dog"), and a letter
+#   inside an option's text ("vitamin C") is no letter;
+# - no retry: asking again with another prompt only for the samples that failed would score those under a
+#   second prompt; unparsed answers count as wrong and evaluate.py prints how many there were.
+LETTER = re.compile(r"(?<![\w'.-])(\()?([A-Za-z])(?(1)\))(?![\w'-]|\.\w)")  # not in "it's", "T-shirt", "U.S."
+CUE = re.compile(r"\b(?:answer|option|choice|is)\s*[:-]?\s*$", re.I)
+WORD_AFTER = re.compile(r"\s+(?!is\b)[A-Za-z]")  # "A dog", "I think"; "A is right" names the letter
+PUNCT = " \t\n.,:;!?()[]*\"'"
+
+
+def parse_answer(text, options):
+    """The index of the option a generated answer names, or None (nothing, or no single option)."""
+    t, n = (text or "").strip(), len(options)
+    bare = t.strip(PUNCT)
+    if len(bare) == 1 and bare.isalpha():  # "B", "b.", "(C)", "a"
+        i = ord(bare.upper()) - ord("A")
+        return i if i < n else None
+    for i, o in enumerate(options):
+        if bare.lower() == o.strip(PUNCT).lower():
+            return i
+    spans = [(i, m.span()) for i, o in enumerate(options) if o.strip()
+             for m in re.finditer(rf"(?<!\w){re.escape(o.strip())}(?!\w)", t, re.I)]
+    for m in LETTER.finditer(t):
+        paren, c = m.group(1), m.group(2)
+        i = ord(c.upper()) - ord("A")
+        if i >= n or any(a <= m.start(2) < b for _, (a, b) in spans):
+            continue
+        if c.islower() and not paren and not CUE.search(t[:m.start()]):
+            continue
+        if c in "AaI" and not paren and WORD_AFTER.match(t, m.end()) and not re.match(
+                rf"\s+{re.escape(options[i].strip())}(?!\w)", t[m.end():], re.I):
+            continue
+        return i
+    # an option's text: one option named, a match inside a longer option's match ("dog" in "hot dog") aside
+    named = {i for i, (a, b) in spans if not any(c <= a and b <= d and (c, d) != (a, b) for _, (c, d) in spans)}
+    return named.pop() if len(named) == 1 else None

@@ -3,12 +3,15 @@ train.loss_parts, with less compute. Under --pgd-scope sample an image-heavy row
 image and the template's head, and causal attention keeps every position before it clean whatever delta is: PGD's
 passes over such rows start at their first perturbed position, on the clean prefix's keys and values (M.prefix),
 and without activation checkpointing the adversarial copies run on the clean pass's own prefix too.
-test_prefix.py checks that both paths give the same numbers.
+test_prefix.py checks that both paths give the same numbers. And evaluate.py's: the rows of one image-heavy sample
+(orig, uf, md) batched together (make_batches) share the vision tower and their common prefix (shared_logits;
+test_share.py).
 """
 import torch
 
 import losses
 import model as M
+import perturb
 import train as T
 
 
@@ -39,7 +42,7 @@ def pgd_passes(batch, attack, mask, args, world=1, family=""):
 def loss_parts(step_model, batch, step, totals, args, prof=T.Profile()):
     """train.loss_parts with the shortcuts: L_sft, L_adv and L_cons of one micro-batch."""
     hf_model, world = step_model.model, T.world_size()
-    keys = M.FAMILIES[M.family(hf_model)]["lm_keys"]
+    keys = step_model.keys
     embeds, image_mask = step_model(batch)
     prof.lap("embed")
     labels, n = batch["labels"], len(batch["labels"])
@@ -123,3 +126,48 @@ def loss_parts(step_model, batch, step, totals, args, prof=T.Profile()):
     order = list(range(n)) + [n + shared.index(r) if r in shared else len(rows) + rest.index(r) for r in adv]
     sft, adv_loss, cons = T.losses_of(batch, out[order], targets, adv, totals, args, prof)
     return sft + (out.sum() + last.sum()) * 0, adv_loss, cons  # every pass in the graph, used or not
+
+
+# ---- evaluation (evaluate.py --shortcuts) ----------------------------------------------------------------
+def make_batches(jobs, batch_size, apply):
+    """Jobs cut into batches by rendered length (little padding), an image-heavy sample's jobs (orig, uf, md: one
+    image, other texts) kept together where batch_size allows, so that score() shares their image and prefix. The
+    batches depend only on the data, never on the number of processes, so every process count computes the same
+    numbers."""
+    # size=1: only the text matters here, so canvases and random pixels are drawn 1 px wide
+    length = [len(perturb.render(apply(*job, size=1))) for job in jobs]
+    groups = {}
+    for i, (s, _) in enumerate(jobs):
+        groups.setdefault(("sample", s["id"]) if s["task"] == "image_heavy" else ("job", i), []).append(i)
+    batches = []
+    for group in sorted(groups.values(), key=lambda g: (max(length[i] for i in g), g[0])):
+        for part in (group[k:k + batch_size] for k in range(0, len(group), batch_size)):
+            if not batches or len(batches[-1]) + len(part) > batch_size:
+                batches.append([])
+            batches[-1] += part
+    return batches
+
+
+def shared_logits(model, samples, inputs, stop, keep):
+    """score()'s logits, each distinct image through the vision tower once (M.embed_once) and the positions where
+    an image-heavy sample's rows (orig, uf, md) have equal input embeddings and attention mask (compared: not so
+    for InstructBLIP, whose query tokens read the instruction) through the language model once a sample: the rest
+    of each row runs on top of their keys and values (M.prefix), from one position for the whole batch (the least,
+    and before every row's last token) so that the prefix and the rest are a pass each.
+    Text-heavy interventions (rp, ri, fb, fw) share the text but change the image, which comes before the text in
+    every template: their rows agree on the template's first tokens only, so their text is computed once per row
+    (it attends to another image in each), a whole pass a row; only the vision tower is shared where the pixels
+    are (orig and rp: the same random pixels; fb and fw: the same canvas for every sample)."""
+    embeds, _ = M.embed_once(model, inputs)
+    first = {}
+    rep = [first.setdefault(s["id"], r) if s["task"] == "image_heavy" else r for r, s in enumerate(samples)]
+    mask = inputs["attention_mask"]
+    same = (embeds == embeds[rep]).all(-1) & (mask == mask[rep])  # (B, L): agrees with its sample's first row
+    start = min(stop, int(same.int().cumprod(1).sum(1).min()))
+    if start == 0 or rep == list(range(len(rep))):  # nothing shared, or no one to share with
+        return M.logits(model, embeds, inputs, keep)
+    reps = sorted(set(rep))
+    past = M.prefix(model, embeds[reps], {k: inputs[k][reps] for k in M.FAMILIES[M.family(model)]["lm_keys"]}, start)
+    index = torch.tensor([reps.index(q) for q in rep], device=embeds.device)
+    past = [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
+    return M.logits(model, embeds[:, start:], inputs, keep, past)

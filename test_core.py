@@ -1073,7 +1073,7 @@ def test_evaluate_refuses_an_out_of_other_settings_unless_overwrite(tiny, tmp_pa
     evaluate.run(folder, [data], str(out), interventions=["orig"], loaded=(m, p))
     first = (out / "predictions.jsonl").read_text()
     (out / "diagnosis.json").write_text("{}")  # diagnose.py ran on the first predictions
-    with pytest.raises(evaluate.RunError, match="holds predictions of other settings .seed: 0 before, 1 now.*--overw"):
+    with pytest.raises(evaluate.RunError, match="holds predictions of other settings .seed 0 then, 1 now.*--overw"):
         evaluate.run(folder, [data], str(out), interventions=["orig"], seed=1, loaded=(m, p))
     assert (out / "predictions.jsonl").read_text() == first and (out / "diagnosis.json").exists()
     rows = evaluate.run(folder, [data], str(out), interventions=["orig"], seed=1, overwrite=True, loaded=(m, p))
@@ -1093,12 +1093,12 @@ def test_evaluate_resume_refuses_another_model_seed_or_data(tiny, tmp_path):
 
     def resume(**kw):
         return evaluate.run(kw.pop("model", model), [data], out, ["orig"], resume=True, loaded=(m, p), **kw)
-    with pytest.raises(evaluate.RunError, match=f"model: '{re.escape(model)}' before, '{re.escape(folder)}' now"):
+    with pytest.raises(evaluate.RunError, match=f"model {re.escape(model)} then, {re.escape(folder)} now"):
         resume(model=folder)
-    with pytest.raises(evaluate.RunError, match="seed: 0 before, 1 now"):
+    with pytest.raises(evaluate.RunError, match="seed 0 then, 1 now"):
         resume(seed=1)
     os.utime(os.path.join(model, "model.safetensors"), ns=(0, 0))  # trained again into the same folder
-    with pytest.raises(evaluate.RunError, match=r"weights model.safetensors: \[\d+, \d+\] before, \[\d+, 0\] now"):
+    with pytest.raises(evaluate.RunError, match=r"weights model.safetensors \[\d+, \d+\] then, \[\d+, 0\] now"):
         resume()
     shutil.copy2(os.path.join(folder, "model.safetensors"), model)
     resume(batch_size=1)  # the batch size changes float noise only
@@ -1107,7 +1107,7 @@ def test_evaluate_resume_refuses_another_model_seed_or_data(tiny, tmp_path):
     rows[0]["answer"] = 1  # the same ids, other data
     with open(data, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    with pytest.raises(evaluate.RunError, match=f"data {re.escape(os.path.abspath(data))}: [0-9a-f]+ before"):
+    with pytest.raises(evaluate.RunError, match=f"data {re.escape(os.path.abspath(data))} [0-9a-f]+ then"):
         resume()
 
 
@@ -1317,3 +1317,15 @@ def test_mse_consistency_matches_float64_formula_and_trains_the_perturbed_side_o
     assert a.grad is None  # the original is a detached target; d/db = 2 (b - a) / V per valid token / count
     expected = 2 * (b - a).detach().double() / 7 / 3 * mask[..., None]
     assert torch.allclose(b.grad.double(), expected, atol=1e-6) and b.grad[~mask].abs().sum() == 0
+
+
+def test_toy_smoke_runs_every_stage_once(tmp_path):
+    """toy.py --smoke, the check to run after a change: data, a tiny model, 5 steps of ours, evaluation and diagnosis,
+    every intervention of each task in the diagnosis."""
+    subprocess.run([sys.executable, "toy.py", "--smoke", "--out", str(tmp_path)], check=True,
+                   cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
+    ours = tmp_path / "smoke" / "ours"
+    assert [json.loads(line)["step"] for line in open(ours / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    summary = json.loads((ours / "eval" / "diagnosis.json").read_text())
+    assert set(summary["toy-shapes"]) == {"orig", "uf", "md"} and set(summary["toy-known"]) == {"orig", "rp", "ri",
+                                                                                               "fb", "fw"}

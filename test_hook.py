@@ -133,3 +133,23 @@ def test_hook_path_delta_gradient_survives_activation_checkpointing(tiny):
         m.activation_checkpointing_disable()
         m.eval()
     assert torch.allclose(checkpointed, plain, atol=1e-6, rtol=0) and plain.abs().max() > 1e-4
+
+
+def test_bench_runs_both_paths_through_trains_own_step(tiny):
+    """bench.py --hook times train.loss_parts itself, with the hook path as a drop-in Step (bench.HookStep): on
+    one `ours` micro-batch (PGD of the paper's T over the whole template, no L_cons) both give the same L_sft and
+    L_adv, and the hook path's are not zero."""
+    import train
+    m, p = tiny("llava")
+    batch = P.collate(p, _samples())
+    batch["ids"], batch["pairs"] = [s["id"] for s in _samples()], []
+    args = train.parse(["--cons", "none", "--pgd-scope", "template", "--eps", "0.05"])
+    totals = train.token_counts(batch, m.config.image_token_id, args)
+    today = train.loss_parts(train.Step(m), batch, 0, totals, args)
+    hook = train.loss_parts(bench.HookStep(m), batch, 0, totals, args)
+    for a, b in zip(today[:2], hook[:2]):
+        assert a.item() == pytest.approx(b.item(), rel=1e-5) and b.item() > 0
+    laps = dict.fromkeys(("embed", "pgd", "forward", "backward"), 0.0)
+    assert bench.ours_pass(bench.HookStep(m), batch, args, laps) == pytest.approx(sum(t.item() for t in hook[:2]),
+                                                                                  rel=1e-5)
+    assert all(v > 0 for k, v in laps.items() if k != "embed")

@@ -34,7 +34,7 @@ FOUR = ["cat", "dog", "car", "tree"]
     ("", FOUR, None), ("   ", FOUR, None), (None, FOUR, None), ("T-shirt it's", FOUR, None),
 ])
 def test_parse_answer_reads_the_option_a_generated_answer_names(text, options, expected):
-    assert evaluate.parse_answer(text, options) == expected
+    assert P.parse_answer(text, options) == expected
 
 
 def _alone(m, p, sample, max_new_tokens, repetition_penalty, style="ours"):
@@ -75,7 +75,7 @@ def test_generate_scoring_writes_text_and_parsed_pred_and_counts_unparsed(tiny, 
                             ri_images=ri)
         assert r["score"] == "generate" and r["probs"] is None and r["n_options"] == len(s["options"])
         assert r["text"] == _alone(m, p, s, 3, 1.2)
-        assert r["pred"] == evaluate.parse_answer(r["text"], s["options"])
+        assert r["pred"] == P.parse_answer(r["text"], s["options"])
         counts.setdefault(r["intervention"], [0, 0])
         counts[r["intervention"]][0] += r["pred"] is None
         counts[r["intervention"]][1] += 1
@@ -115,9 +115,9 @@ def test_resume_refuses_another_scoring_or_prompt(tiny, tmp_path):
 
     def resume(**kw):
         return evaluate.run(folder, [data], out, ["orig"], resume=True, loaded=(m, p), **kw)
-    with pytest.raises(evaluate.RunError, match="score: 'logits' before, 'generate' now"):
+    with pytest.raises(evaluate.RunError, match="score logits then, generate now"):
         resume(scoring="generate")
-    with pytest.raises(evaluate.RunError, match="prompt: 'ours' before, 'authors' now"):
+    with pytest.raises(evaluate.RunError, match="prompt ours then, authors now"):
         resume(style="authors")
     resume(max_new_tokens=3)  # generation's settings mean nothing to letter logits
     run_json = os.path.join(out, "run.json")
@@ -125,9 +125,9 @@ def test_resume_refuses_another_scoring_or_prompt(tiny, tmp_path):
     json.dump({k: v for k, v in saved.items() if k not in ("score", "prompt")}, open(run_json, "w"))
     resume()  # a run.json written before --score and --prompt existed: letter logits, our prompt
     evaluate.run(folder, [data], out, ["orig"], scoring="generate", max_new_tokens=2, overwrite=True, loaded=(m, p))
-    with pytest.raises(evaluate.RunError, match="max_new_tokens: 2 before, 3 now"):
+    with pytest.raises(evaluate.RunError, match="max_new_tokens 2 then, 3 now"):
         resume(scoring="generate", max_new_tokens=3)
-    with pytest.raises(evaluate.RunError, match="score: 'generate' before, 'logits' now"):
+    with pytest.raises(evaluate.RunError, match="score generate then, logits now"):
         resume()
 
 

@@ -11,6 +11,7 @@ import evaluate
 import model as M
 import perturb
 import prompts as P
+import shortcuts
 from test_core import _write_dataset, tiny  # noqa: F401 (tiny is a session-scoped fixture)
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
@@ -98,14 +99,14 @@ def test_an_image_heavy_samples_jobs_share_a_batch():
     def apply(s, name, size):  # uf longest, then md: the image-heavy jobs of one sample have three lengths
         return dict(s, question={"uf": "x " * 9, "md": "y "}.get(name, "") + s["question"])
     for size in (1, 2, 3, 4, 8):
-        batches = evaluate.make_batches(jobs, size, apply)
+        batches = shortcuts.make_batches(jobs, size, apply)
         assert sorted(i for b in batches for i in b) == list(range(len(jobs))) and all(len(b) <= size for b in batches)
         if size >= 3:
             home = {jobs[i][0]["id"]: k for k, b in enumerate(batches) for i in b}
             assert all(i in batches[home[jobs[i][0]["id"]]] for i in range(9))  # a sample's jobs in one batch
     # by length (of a sample's longest job): the text-heavy jobs, then i2, i1, i0; a sample never cut where it fits
-    assert evaluate.make_batches(jobs, 4, apply) == [[9, 10, 11, 12], [6, 7, 8], [3, 4, 5], [0, 1, 2]]
-    assert evaluate.make_batches(jobs, 8, apply) == [[9, 10, 11, 12, 6, 7, 8], [3, 4, 5, 0, 1, 2]]
+    assert shortcuts.make_batches(jobs, 4, apply) == [[9, 10, 11, 12], [6, 7, 8], [3, 4, 5], [0, 1, 2]]
+    assert shortcuts.make_batches(jobs, 8, apply) == [[9, 10, 11, 12, 6, 7, 8], [3, 4, 5, 0, 1, 2]]
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2.5-vl"])

@@ -18,6 +18,7 @@ import transformers
 
 import model as M
 import perturb
+import profiling
 import prompts as P
 import train
 from perturb import APPLIES, DataError
@@ -453,21 +454,20 @@ def test_an_epoch_ends_when_the_smallest_pool_has_been_seen_once(toy, tmp_path, 
 def test_progress_writes_plain_lines_to_a_log_file_and_one_live_line_to_a_terminal(monkeypatch):
     import io
     import types
-    import evaluate
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
     clock = [0.0]
-    monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(profiling, "time", types.SimpleNamespace(time=lambda: clock[0]))
     log, terminal = io.StringIO(), Terminal()
     for stream in (log, terminal):
         monkeypatch.setattr(sys, "stderr", stream)
-        monkeypatch.setattr(evaluate, "_last_print", [0.0])
+        monkeypatch.setattr(profiling, "_last_print", [0.0])
         for done in range(1, 11):  # a step every 10 s from t0 = 100: 0.1 steps/s
             clock[0] = 100.0 + 10 * done
-            evaluate.progress(done, 10, 100.0, "steps", "| loss 0.5")
+            profiling.progress(done, 10, 100.0, "steps", "| loss 0.5")
     # a file: the first line, then one per 30 s, and the last
     assert log.getvalue() == ("1/10 steps | 0.1 steps/s | ETA 1:30 | loss 0.5\n"
                               "4/10 steps | 0.1 steps/s | ETA 1:00 | loss 0.5\n"

@@ -28,9 +28,8 @@ import dataloader
 import losses
 import model as M
 import prompts as P
-from evaluate import progress
 from paper import PAPER, epilog
-from profiling import Profile
+from profiling import Profile, progress
 
 PRESETS = {  # the rows of the paper's ablation (Table 5); flags given explicitly win
     "vanilla": dict(max_steps=0),  # no training: the base model, exported for evaluation
@@ -159,7 +158,7 @@ class Step(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.model, self.keys = model, M.FAMILIES[M.family(model)]["lm_keys"]  # keys: what a pass on embeds reads
 
     def forward(self, batch, embeds=None, keep=None, past=None, stop=None, grad=False):
         if embeds is None:
@@ -264,7 +263,7 @@ def losses_of(batch, logits, targets, adv, totals, args, prof=Profile()):
 def loss_parts(step_model, batch, step, totals, args, prof=Profile()):
     """L_sft, L_adv and L_cons of one micro-batch, each a sum over its rows divided by its global count (totals).
     The plain reference path; shortcuts.loss_parts computes the same numbers with less work."""
-    keys = M.FAMILIES[M.family(step_model.model)]["lm_keys"]
+    keys = step_model.keys
     embeds, image_mask = step_model(batch)  # embed once: inputs_embeds with the projected image features merged
     prof.lap("embed")
     n, keep = len(batch["labels"]), losses.answer_positions(batch["labels"])
