@@ -16,13 +16,13 @@ import sys
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
 import model as M
 import perturb
+
 
 class RunError(ValueError):
     """A run that must not start or go on; the message names the file or flag, and what to do."""
@@ -39,6 +39,7 @@ FREE = {"save_every", "keep_checkpoints", "profile", "resume", "overwrite", "max
 
 # Flags added since, with the value that gives what a checkpoint written before them computed
 EARLIER = {"pgd_scope": "template", "lora": 0}
+FORMAT = "dcp"  # what state.json says of checkpoints written since this file used torch.distributed.checkpoint
 
 
 def checkpoints(out):
@@ -121,15 +122,12 @@ def resume_point(args, inputs):
 
 # ---- checkpoints: torch.distributed.checkpoint (sharded, so any number of processes can resume), written into a
 # temporary folder that is renamed when complete
-FORMAT = "dcp"  # what state.json says of checkpoints written since this file used torch.distributed.checkpoint
-
-
 def written(save, *a):
     """save(*a), or one line: a full disk is no traceback, and the checkpoint before this one is intact (this one
     is still a .tmp folder)."""
     try:
         save(*a)
-    except (OSError, RuntimeError, SafetensorError, dcp.api.CheckpointException) as e:
+    except (OSError, RuntimeError, dcp.api.CheckpointException) as e:
         if isinstance(e, dcp.api.CheckpointException):  # the first failing rank's own exception
             e = next(iter(e.failures.values()))[0]
         full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or "No space" in str(e)

@@ -360,7 +360,16 @@ def _canvas(sample, rng, o, *, value):
 # apply(sample, rng, Options): the perturbed copy. tasks: those it applies to. twin: training may draw it as a
 # twin (orig is the original itself, rp a text-heavy original's own pixels). longest(sample, facts, k, pool,
 # replace): the longest question it can give, for the --max-length check; None where the text stays.
-Intervention = NamedTuple("Intervention", [("apply", object), ("tasks", tuple), ("twin", bool), ("longest", object)])
+class Intervention(NamedTuple):
+    apply: object
+    tasks: tuple
+    twin: bool
+    longest: object
+
+    def __call__(self, sample, rng, options=Options()):  # a row is its function too, as docs/format.md says
+        return self.apply(sample, rng, options)
+
+
 INTERVENTIONS = {"orig": Intervention(_orig, TASKS, False, None),
                  "uf": Intervention(_uf, ("image_heavy",), True, _uf_longest),
                  "md": Intervention(_md, ("image_heavy",), True, _md_longest),

@@ -13,6 +13,7 @@ import losses
 import model as M
 import perturb
 import train as T
+from profiling import Profile
 
 
 def pgd_passes(batch, attack, mask, args, world=1, family=""):
@@ -39,7 +40,7 @@ def pgd_passes(batch, attack, mask, args, world=1, family=""):
     return passes
 
 
-def loss_parts(step_model, batch, step, totals, args, prof=T.Profile()):
+def loss_parts(step_model, batch, step, totals, args, prof=Profile()):
     """train.loss_parts with the shortcuts: L_sft, L_adv and L_cons of one micro-batch."""
     hf_model, world = step_model.model, T.world_size()
     keys = step_model.keys
@@ -50,12 +51,7 @@ def loss_parts(step_model, batch, step, totals, args, prof=T.Profile()):
     targets = labels[:, keep + 1]  # aligned with the kept logits
     mask = T.perturbable(batch, image_mask, args.pgd_scope)
     adv = T.adversarial_rows(mask, args.adv)
-    attack = adv
-    # every rank must run as many passes, or FSDP's collectives wait forever: a rank whose micro-batch has
-    # nothing to attack (all VQA, at a small batch) while another's has attacks its first row under an empty
-    # mask (delta stays 0) and drops the result
-    if args.adv != "none" and world > 1 and T.all_sum(torch.tensor([float(len(adv))], device=embeds.device)).item():
-        attack = adv or [0]
+    attack = T.attack_rows(adv, args, embeds.device)
     if not attack:
         return T.losses_of(batch, step_model(batch, embeds, keep), targets, [], totals, args, prof)
     sub, base, sub_mask = M.rows_of(batch, attack, keys), embeds[attack].detach(), mask[attack]

@@ -489,6 +489,7 @@ def test_a_new_intervention_plugs_in_as_one_row_of_the_table(monkeypatch):
     s = _sample()
     out = perturb.perturb(s, "shout", 0)
     assert out["intervention"] == "shout" and out["question"].startswith("WHICH ONE IS IT?!") and s == _sample()
+    assert perturb.INTERVENTIONS["shout"](s, random.Random(0))["question"] == out["question"]  # a row is callable
     assert perturb.longest(s, "shout")["question"] == "WHICH ONE IS IT?!!!"
     assert max(len(perturb.perturb(s, "shout", seed)["question"]) for seed in range(20)) <= len("WHICH ONE IS IT?!!!")
     assert perturb.interventions_for("image_heavy") == ["orig", "uf", "md", "shout"]

@@ -180,7 +180,7 @@ def test_a_run_resumes_on_another_number_of_processes(toy, tmp_path):
     common = ["train.py", "--model", models["llava"], "--data", data, "--max-steps", "4", "--save-every", "2",
               "--lr", "1e-3", "--eps", "0.05", "--no-export", "--out"]
     one = [sys.executable] + common
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"] + common
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545"] + common
 
     def run(cmd, out, batch, *extra):
         res = subprocess.run(cmd + [str(out), "--batch-size", str(batch), *extra], cwd=HERE, env=env,
@@ -426,13 +426,16 @@ def test_a_batch_of_one_trains(toy, tmp_path, monkeypatch, capsys):
                    monkeypatch)
 
 
-def test_two_processes_with_a_batch_of_one_train_like_one(toy, tmp_path):
-    """Rank 1's second original is VQA while rank 0's is image-heavy: both must run the PGD passes. With every
-    twin, the ranks hold different numbers of rows and consistency pairs, normalised by the global counts."""
+@pytest.mark.parametrize("shortcuts", ["on", "off"])
+def test_two_processes_with_a_batch_of_one_train_like_one(toy, tmp_path, shortcuts):
+    """Rank 1's second original is VQA while rank 0's is image-heavy: both must run the PGD passes, on the exact
+    shortcuts' path and on the plain one. With every twin, the ranks hold different numbers of rows and consistency
+    pairs, normalised by the global counts."""
     data, models = toy
     common = ["train.py", "--model", models["llava"], "--data", data, "--max-steps", "2", "--eps", "0.05",
-              "--ratio-image", "0.5", "--ratio-text", "0.25", "--twins", "all", "--no-export", "--out"]
-    _one_process_like_two(common, tmp_path, 1, 29541, 2)
+              "--ratio-image", "0.5", "--ratio-text", "0.25", "--twins", "all", "--no-export", "--shortcuts",
+              shortcuts, "--out"]
+    _one_process_like_two(common, tmp_path, 1, 29541 + (shortcuts == "off") * 10, 2)
 
 
 def test_an_epoch_ends_when_the_smallest_pool_has_been_seen_once(toy, tmp_path, monkeypatch, capsys):

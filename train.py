@@ -44,7 +44,7 @@ PRESETS = {  # the rows of the paper's ablation (Table 5); flags given explicitl
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, and the description and the table of --paper-defaults printed as written."""
+    """Defaults shown; the description and the table of --paper-defaults as written."""
 
 
 def parse(argv=None):
@@ -118,10 +118,8 @@ def parse(argv=None):
     p.set_defaults(**PAPER.get(known.paper_defaults, {}))
     p.set_defaults(**PRESETS[known.preset])  # after: a preset's own flags (fft-vqa's ratios) define its ablation row
     args = p.parse_args(argv)
-    if args.eps is None:
-        args.eps = 1e-4 if "13b" in args.model.lower() else 1e-3
-    if args.lora_alpha is None:
-        args.lora_alpha = 2 * args.lora
+    args.eps = (1e-4 if "13b" in args.model.lower() else 1e-3) if args.eps is None else args.eps
+    args.lora_alpha = 2 * args.lora if args.lora_alpha is None else args.lora_alpha
     return args
 
 
@@ -231,6 +229,15 @@ def adversarial_rows(mask, adv):
     return [r for r in range(len(mask)) if mask[r].any()] if adv != "none" else []
 
 
+def attack_rows(adv, args, device):
+    """The rows PGD (or RG) perturbs: `adv`. Every rank must run as many passes, or FSDP's collectives wait forever:
+    a rank with none while another has some attacks its first row under an empty mask (delta stays 0)."""
+    if args.adv == "none" or world_size() == 1:
+        return adv
+    anyone = all_sum(torch.tensor([float(len(adv))], device=device)).item()  # a collective: every rank calls it
+    return adv or [0] * (anyone > 0)
+
+
 def token_counts(batch, image_token_id, args):
     """Answer tokens entering L_sft, L_adv and L_cons: each term is a sum divided by its count over the global
     batch (all ranks and micro-steps), so how the batch is split changes nothing."""
@@ -270,11 +277,7 @@ def loss_parts(step_model, batch, step, totals, args, prof=Profile()):
     targets = batch["labels"][:, keep + 1]  # aligned with the kept logits
     mask = perturbable(batch, image_mask, args.pgd_scope)  # the task-irrelevant modality of each row
     adv = adversarial_rows(mask, args.adv)
-    attack = adv
-    # every rank must run as many passes, or FSDP's collectives wait forever: a rank whose micro-batch has
-    # nothing to attack (all VQA) while another's has attacks its first row under an empty mask (delta stays 0)
-    if args.adv != "none" and world_size() > 1:
-        attack = adv or ([0] if all_sum(torch.tensor([float(len(adv))], device=embeds.device)).item() else [])
+    attack = attack_rows(adv, args, embeds.device)
     delta = {}
     if attack:
         sub, base = M.rows_of(batch, attack, keys), embeds[attack].detach()
@@ -376,10 +379,9 @@ def main(argv=None):
     import shortcuts  # (here: it imports this file) the same numbers as loss_parts, with less work
     parts_of = shortcuts.loss_parts if args.shortcuts == "on" and args.pgd_scope == "sample" else loss_parts
     prof = Profile(args.profile, device)
-    # A step's batches depend on (seed, step) and the data alone, so --workers processes make the next ones, in
-    # order, from the resume point on, while this step trains. Forked (spawn would run this script again in each),
-    # after CUDA started, as DataLoader's workers are on Linux: Batches touches neither CUDA nor the model.
-    # A generator of its own, or the loader would draw its workers' seed from the RNG state checkpoints restore.
+    # A step's batches depend on (seed, step) and the data alone, so --workers processes make the next ones, in order,
+    # from the resume point on, while a step trains: forked after CUDA started, as DataLoader's are on Linux (Batches
+    # touches neither CUDA nor the model), with a generator of their own, not the RNG state checkpoints restore.
     workers = args.workers if args.workers is not None else 2 * (device.type == "cuda")
     data = iter(torch.utils.data.DataLoader(range(start, max_steps), batch_size=None, collate_fn=batches,
                                             num_workers=workers, multiprocessing_context="fork" if workers else None,
