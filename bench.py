@@ -21,7 +21,8 @@ import torch
 
 import model as M
 import prompts as P
-from tiny import make_parts, make_tiny
+from model import make_tiny
+from tiny import make_parts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # LLaVA-architecture shapes. The 7B/13B rows are the published llava-1.5-{7,13}b-hf configs (CLIP
@@ -185,23 +186,6 @@ def hook_logits(model, batch, delta, keep=None):
     M.embed(model, batch)[0] + delta, batch, keep) without per-family code."""
     with perturbed(model, delta):
         return model(**M.model_inputs(batch), logits_to_keep=0 if keep is None else keep).logits
-
-
-def image_rows(batch, rows):
-    """Some rows of a collated batch, image inputs included (the hook path runs the vision tower in every pass,
-    so unlike model.rows_of it needs them). Qwen's pixel_values are patches of all images end to end,
-    image_grid_thw.prod(-1) of them per image (one image a row): the one family-specific line it takes."""
-    idx, n = torch.tensor(rows), len(batch["input_ids"])
-    out = {k: [v[r] for r in rows] if isinstance(v, list) else v[idx] for k, v in batch.items()
-           if isinstance(v, list) or v.shape[0] == n}
-    if "image_grid_thw" in batch:
-        patches = batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())
-        out["pixel_values"] = torch.cat([patches[r] for r in rows])
-    return out
-
-
-def cat_batches(a, b):
-    return {k: a[k] + b[k] if isinstance(a[k], list) else torch.cat([a[k], b[k]]) for k in a}
 
 
 def forward_flops(layers, hidden, intermediate, tokens, mlp_matrices):

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 import model as M
-import perturb
+import samples as S
 
 
 class RunError(ValueError):
@@ -57,8 +57,8 @@ def exported(out):
 def inputs(args, paths, world):
     """What decides the losses besides the flags: a checkpoint records it, and a resume must find it unchanged."""
     return {"--batch-size x processes x --grad-accum": args.batch_size * world * args.grad_accum,
-            "--data sha256": [perturb.sha256(path) for path in paths],
-            **({"--facts-file sha256": perturb.sha256(args.facts_file)} if args.facts_file else {}),
+            "--data sha256": [S.sha256(path) for path in paths],
+            **({"--facts-file sha256": S.sha256(args.facts_file)} if args.facts_file else {}),
             **{"--model" + ("" if k == "model" else " " + k): v for k, v in M.identity(args.model).items()}}
 
 
@@ -181,8 +181,11 @@ def load(folder, step_model, optimizer):
         step = json.load(f)["step"]
     state = states(step_model, optimizer)
     dcp.load(state, checkpoint_id=folder)
+    kernels = [{k: g[k] for k in ("foreach", "fused")} for g in optimizer.param_groups]
     set_state_dict(step_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: from the model
+    for group, kernel in zip(optimizer.param_groups, kernels):  # the saved groups also hold how the writing run
+        group.update(kernel)  # stepped (before issue 28: a loop over tensors on CPU); this run's choice stays
     path = f"{folder}/rng.rank{rank}.pt"
     rng = torch.load(path if os.path.exists(path) else f"{folder}/rng.rank0.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

@@ -9,6 +9,7 @@ import sys
 from fractions import Fraction
 
 import perturb
+import samples as S
 import prompts as P
 
 TWINS = perturb.twins()  # heuristic perturbations to train on, by task: the twin column of perturb.INTERVENTIONS
@@ -24,7 +25,7 @@ def ratios(args):
 def read(args):
     """(paths, samples, file of each sample by id()): the files of --data, checked and their images decoded, so
     bad files fail here, before any model is loaded (with one line naming the file and line)."""
-    paths = [perturb.data_file(d, "train") for d in args.data]
+    paths = [S.data_file(d, "train") for d in args.data]
     try:
         loaded = [(path, perturb.load_samples(path, decode=True)) for path in paths]  # a broken image too
     except (perturb.DataError, FileNotFoundError) as e:  # messages written for people: file, line, what to do

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import checkpoint
 import model as M
 import perturb
+import samples as S
 import prompts as P
 from checkpoint import RunError
 from profiling import progress
@@ -35,7 +36,7 @@ def rng_for(seed, sample, name):
 def load_data(paths, interventions, ri_folder=None):
     """Samples of all files (ids unique across them) and the (sample, intervention) jobs, in file order."""
     samples, where, free = [], {}, 0
-    paths = [perturb.data_file(q, "test") for q in paths]
+    paths = [S.data_file(q, "test") for q in paths]
     for path in paths:
         if not os.path.isfile(path):
             raise RunError(f"{path}: no such file (pass JSONL files, or folders holding a test.jsonl)")
@@ -152,11 +153,11 @@ def settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dt
     would mix two runs' numbers. Not the batch size: padding is masked, so it changes float noise only
     (and a smaller batch is how a run that ran out of memory goes on). The dtype does count, and so does
     the scoring (with generation's settings; they mean nothing to letter logits)."""
-    files = [perturb.data_file(q, "test") for q in data]
-    return dict(M.identity(model_name), data={os.path.abspath(q): perturb.sha256(q) for q in files},
+    files = [S.data_file(q, "test") for q in data]
+    return dict(M.identity(model_name), data={os.path.abspath(q): S.sha256(q) for q in files},
                 interventions=[n for n in perturb.APPLIES if n in interventions], seed=seed, pool=pool,
                 k_facts=k_facts, ri_folder=ri_folder and os.path.abspath(ri_folder), dtype=dtype and str(dtype),
-                prompt=style, score=scoring, facts_file=facts_file and perturb.sha256(facts_file),
+                prompt=style, score=scoring, facts_file=facts_file and S.sha256(facts_file),
                 facts_replacement=facts_replacement, canvas_size=canvas_size,
                 **(dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
                    if scoring == "generate" else {}))
@@ -230,7 +231,7 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
     model, processor = loaded or M.load(model_name, dtype=dtype, device=device, generic=True)
     model.eval()
     if master and processor.family == P.GENERIC:
-        print(f"{model_name}: model type {processor.generic['model_type']!r} is in no row of model.FAMILIES: evaluated "
+        print(f"{model_name}: model type {processor.row['model_type']!r} is in no row of model.FAMILIES: evaluated "
               "through the generic path (the prompt from its processor's chat template)", file=sys.stderr)
     size = canvas_size or P.image_size(processor)  # of the canvases and random pixels
 

@@ -2,7 +2,7 @@
 perturbs. One path for LLaVA-1.5, Qwen2.5-VL and InstructBLIP; what differs between them lives in the FAMILIES
 table, their prompts (ours, or the authors') in prompts.PROMPTS: prompts.py turns samples into tokens (collate,
 prompt_text, PROMPTS and option_token_ids are also importable from here). A library with no command of its own:
-tiny.py builds the tiny checkpoints of these classes (`python tiny.py llava out/tiny-llava`).
+make_tiny writes tiny random-init checkpoints of these classes (`python tiny.py llava out/tiny-llava`).
 """
 import contextlib
 import json
@@ -15,8 +15,9 @@ import peft
 import torch
 import transformers
 
-import perturb
 import prompts
+import samples as S
+import tiny
 from prompts import PROMPTS, collate, option_token_ids, prompt_text  # noqa: F401 (docs/format.md's names)
 
 ALIASES = {
@@ -51,8 +52,8 @@ def _expanded(processor, size):
     return processor._get_num_multimodal_tokens(image_sizes=[size[::-1]])["num_image_tokens"][0]
 
 
-# Everything that differs between families, but the prompt (prompts.PROMPTS). The one dict is prompts.FAMILIES too:
-# prompts.py reads a family's image side there (image_size, image_tokens, image_keys) and never imports this module.
+# Everything that differs between families, but the prompt (prompts.PROMPTS). A loaded processor carries its row
+# (`processor.row`): prompts.py reads its image side there (image_size, image_tokens, image_keys).
 # `frozen`: parameter-name prefixes kept fixed (vision encoder; InstructBLIP also its Q-Former).
 # `projector`: the module between the vision encoder and the LLM, trained in full (under --lora too).
 # `lm_keys`: batch entries the language path needs besides inputs_embeds; Qwen2.5-VL needs
@@ -66,7 +67,7 @@ def _expanded(processor, size):
 # `positions(model, batch)`, where a family has it: the language model's position ids of the whole rows, which a
 # pass over a suffix must be given (Qwen's M-RoPE, from the image grid); elsewhere they continue from the cache.
 LLAVA_KEYS = ("vision_feature_layer", "vision_feature_select_strategy")
-FAMILIES = prompts.FAMILIES = {
+FAMILIES = {
     "llava": dict(
         cls=transformers.LlavaForConditionalGeneration, processor=transformers.LlavaProcessor,
         frozen=("model.vision_tower.",), projector="model.multi_modal_projector",
@@ -174,7 +175,7 @@ def identity(name_or_path):
         return {"model": path}
     config = os.path.join(path, "config.json")
     base = adapter_base(path)  # an adapter folder: its base's identity too
-    return {"model": os.path.abspath(path), "config_sha256": perturb.sha256(config) if os.path.isfile(config) else None,
+    return {"model": os.path.abspath(path), "config_sha256": S.sha256(config) if os.path.isfile(config) else None,
             "weights": {f: [os.path.getsize(os.path.join(path, f)), os.stat(os.path.join(path, f)).st_mtime_ns]
                         for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".bin"))},
             **({"base": identity(base)} if base else {})}
@@ -216,14 +217,14 @@ def checkpoint_family(path, generic=False):
 
 
 def load_processor(name_or_path, generic=False):
-    """The processor alone, `.family` set, no weights read: enough to render and measure samples before
+    """The processor alone, `.family` and `.row` (its FAMILIES row) set, no weights read: enough to render and measure samples before
     the model loads. generic: a model type in no row of FAMILIES loads through the generic path (evaluation)."""
     path = where(name_or_path)
     fam = checkpoint_family(path, generic)
     if fam == prompts.GENERIC:
         return prompts.generic_processor(path)
     processor = keep_legacy(FAMILIES[fam]["processor"].from_pretrained(path))
-    processor.family = fam
+    processor.family, processor.row = fam, FAMILIES[fam]
     return processor
 
 
@@ -233,7 +234,7 @@ def load(name_or_path, dtype=None, device=None, meta=False, generic=False):
     generic: a model type in no row of FAMILIES loads with AutoModelForImageTextToText (evaluation only).
     An adapter folder (PEFT's) loads as its base model with the adapter merged in: evaluation at the base's speed."""
     processor = load_processor(name_or_path, generic)
-    path, fam, cls = where(name_or_path), processor.family, prompts.family_row(processor)["cls"]
+    path, fam, cls = where(name_or_path), processor.family, processor.row["cls"]
     base = adapter_base(path)
     if base:
         model = load(base, dtype, meta=meta, generic=generic)[0]
@@ -253,7 +254,7 @@ def save(model, processor, folder, state_dict=None):
     adapter_model.safetensors, processor."""
     model.save_pretrained(folder, state_dict=state_dict)
     if isinstance(model, peft.PeftModel):  # fully_shard renamed the class (FSDPLlava...): AutoPeftModel needs the real one
-        cls = prompts.family_row(processor)["cls"]
+        cls = processor.row["cls"]
         model.peft_config["default"].save_pretrained(folder, auto_mapping_dict={"base_model_class": cls.__name__,
                                                                                 "parent_library": cls.__module__})
     if isinstance(processor, prompts.NoVideo):  # cannot be saved whole without torchvision
@@ -292,10 +293,13 @@ def add_lora(model, name_or_path, r, alpha, dropout, targets, dtype):
 
 
 def make_tiny(family, folder, words=(), seed=0, dtype=None, **dims):
-    """A tiny random-init checkpoint of the real class, built offline (docs/format.md, 'Model functions'): the name
-    outside scripts call; tiny.py builds it (imported here when called, since tiny.py builds on this module)."""
-    import tiny
-    return tiny.make_tiny(family, folder, words, seed, dtype, **dims)
+    """Write a random-init checkpoint of the family's real transformers class at a tiny size (tiny.make_parts: its
+    config, an offline tokenizer and the real processor), loadable by load(folder) exactly like a hub checkpoint."""
+    torch.manual_seed(seed)
+    config, processor = tiny.make_parts(family, words, **dims)
+    model = FAMILIES[family]["cls"](config)
+    os.makedirs(folder, exist_ok=True)
+    return save(model.to(dtype) if dtype else model, processor, folder)
 
 
 def rows_of(batch, rows, lm_keys):

@@ -1,28 +1,22 @@
-"""Samples and the paper's modality interventions (uf md rp ri fb fw) applied to them.
-
-load_samples() reads and checks a JSONL file (docs/format.md, 'A sample'); perturb(sample, name, rng)
-returns a perturbed copy. Used by evaluate.py and train.py, e.g. perturb(s, "md", seed).
+"""The paper's modality interventions (uf md rp ri fb fw): perturb(sample, name, rng) returns a perturbed copy of
+a sample, e.g. perturb(s, "md", seed). INTERVENTIONS is the table a new intervention is added to. Used by
+evaluate.py and train.py; the samples themselves are read and checked by samples.py.
 """
 import functools
 import hashlib
 import itertools
-import json
-import os
 import random
 import re
-import string
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-TASKS = ("image_heavy", "text_heavy", "vqa")
-LETTERS = string.ascii_uppercase
+# the sample file's names, importable from here as before (docs/format.md: perturb.load_samples)
+from samples import LETTERS, TASKS, DataError, load_samples, to_rgb  # noqa: F401
+
 FACTS_FILE = Path(__file__).parent / "data" / "unrelated_facts.txt"
-# each family's processor expands these into image slots, so in a question they would misplace the image
-IMAGE_TOKENS = ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
 
 # Train and eval wordings differ so that a model fine-tuned on the train pool is evaluated on
 # misleading descriptions it has never seen. "the" avoids a/an mistakes before any class name.
@@ -32,118 +26,6 @@ MD_TRAIN = ["This image shows the {wrong}.", "The {wrong} in this picture is cle
             "Experts agree that this photo contains the {wrong}.", "What you see in the image is the {wrong}."]
 MD_EVAL = ["The image depicts the {wrong}.", "This picture is a photograph of the {wrong}.",
            "Clearly, the object shown here is the {wrong}.", "Label of the pictured object: {wrong}."]
-
-
-class DataError(ValueError):
-    """Bad input data; the message starts with "path:line: " and says what to do."""
-
-
-def data_file(path, split):
-    """A JSONL file, or a folder written by data/<name>/prepare.py: then its <split>.jsonl."""
-    return str(Path(path) / f"{split}.jsonl") if Path(path).is_dir() else str(path)
-
-
-def load_samples(path, *, image_root=None, decode=False):
-    """The samples of a JSONL file, checked (docs/format.md, 'A sample'), image paths made absolute. An image path
-    must stay inside the file's folder or image_root as written (no "..", no absolute path elsewhere);
-    a symlink placed there by the user is followed, as a dataset on another disk often is. decode=True
-    also decodes every distinct image once, so a bad one stops the run before a model loads."""
-    folder, samples, first_line, images = Path(path).parent, [], {}, {}
-    roots = [Path(os.path.abspath(r)) for r in [folder] + ([image_root] if image_root is not None else [])]
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark some editors write is not JSON
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {e} (write one JSON object per line)") from e
-            _check(sample, folder, roots, lambda what: DataError(f"{path}:{lineno}: {what}"))
-            if sample["id"] in first_line:
-                raise DataError(f"{path}:{lineno}: duplicate id {sample['id']!r}, first on line "
-                                f"{first_line[sample['id']]} (ids must be unique within a file)")
-            first_line[sample["id"]] = lineno
-            if sample["image"] is not None:
-                images.setdefault(sample["image"], (lineno, sample["id"]))
-            samples.append(sample)
-    if not samples:
-        raise DataError(f"{path}:1: no samples (the file needs at least one JSON object line)")
-    if decode:
-        _decode_all(path, images)
-    return samples
-
-
-def _decode_all(path, images):
-    """images: {path: (line, id)} of each distinct image. PIL releases the GIL while it decodes, so
-    threads share the work; every image is tried, so the error can say how many more are bad."""
-    workers = min(16, os.cpu_count() or 1) if len(images) > 32 else 1
-    with ThreadPoolExecutor(workers) as pool:
-        bad = [(where, why) for where, why in zip(images.values(), pool.map(unreadable, images)) if why]
-    if bad:
-        (lineno, sid), why = bad[0]
-        more = f"; {len(bad) - 1} more images are bad" if len(bad) > 1 else ""
-        raise DataError(f"{path}:{lineno}: the image of sample {sid!r} cannot be decoded: {why}{more} "
-                        f"(replace the image or drop the sample)")
-
-
-def sha256(path):
-    """Hex digest of a file, read in chunks: what a resume compares to find its data unchanged."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _nonempty_str(x):
-    return isinstance(x, str) and x.strip() != ""
-
-
-def _check(s, folder, roots, err):
-    """Validates one sample in place and makes its image path absolute; err(what) builds the error."""
-    if not isinstance(s, dict):
-        raise err(f"expected a JSON object, got {type(s).__name__} (write one sample object per line)")
-    for key in ("id", "task", "image", "question", "options", "answer", "source"):
-        if key not in s:
-            raise err(f"missing key {key!r} (every sample needs id, task, image, question, options, answer, source)")
-    for key in ("id", "question", "source"):
-        if not _nonempty_str(s[key]):
-            raise err(f"{key} must be a non-empty string, got {s[key]!r} (fix the {key} field)")
-    if s["task"] not in TASKS:
-        raise err(f"unknown task {s['task']!r} (task must be one of {', '.join(TASKS)})")
-    opts, ans = s["options"], s["answer"]
-    if opts is None:  # an instruction sample (LLaVA-Instruct): a free-form answer, trained on, never scored
-        if s["task"] != "vqa" or not _nonempty_str(ans):
-            raise err("options null needs task vqa and the answer text as a non-empty string (an instruction sample)")
-    elif not (isinstance(opts, list) and 2 <= len(opts) <= len(LETTERS) and all(_nonempty_str(o) for o in opts)
-              and len(set(opts)) == len(opts)):
-        raise err(f"options {opts!r} are not 2 to {len(LETTERS)} distinct non-empty strings (fix the options list)")
-    elif type(ans) is not int or not 0 <= ans < len(opts):
-        raise err(f"answer {ans!r} is not among the {len(opts)} options (answer is a 0-based index into options)")
-    texts = [("question", s["question"])] + [(f"option {i}", o) for i, o in enumerate(opts or [])]
-    for where, text in texts:
-        token = next((t for t in IMAGE_TOKENS if t in text), None)
-        if token:
-            raise err(f"sample {s['id']!r}: its {where} holds {token!r}, a model's image token (remove it from "
-                      f"the text: the image field places the image)")
-    if s["task"] == "text_heavy":
-        if s["image"] is not None:
-            raise err(f"text_heavy sample has image {s['image']!r} (set image to null; its image is random pixels)")
-    elif not _nonempty_str(s["image"]):
-        raise err(f"image {s['image']!r} is not a path (image paths are relative to the jsonl)")
-    else:
-        written = Path(os.path.normpath(os.path.join(roots[0], s["image"])))  # lexical: the text cannot escape
-        if not any(written.is_relative_to(root) for root in roots):
-            raise err(f"image {s['image']!r} is {str(written)!r}, outside {str(roots[0])!r} (keep images "
-                      f"inside the data file's folder, or pass another allowed folder as image_root)")
-        real = written.resolve()
-        if not real.is_file():
-            raise err(f"image {s['image']!r} is not a file in {str(folder)!r} (image paths are relative to the jsonl)")
-        s["image"] = str(real)
-    facts = s.get("facts")
-    if facts is not None and opts is not None and not (isinstance(facts, dict) and all(
-            k.isdigit() and str(int(k)) == k and int(k) < len(opts) and _nonempty_str(v) for k, v in facts.items())):
-        raise err(f"bad facts {facts!r} (facts maps option indices \"0\" to \"{len(opts) - 1}\" to descriptions)")
 
 
 def _wh(size):
@@ -163,27 +45,6 @@ def load_image(sample, size=336):
     except Exception as e:  # PIL raises many kinds on a bad file: OSError, SyntaxError, DecompressionBombError
         raise DataError(f"{image}: cannot read the image of sample {sample['id']!r}: {e} "
                         f"(replace the file or drop the sample)") from e
-
-
-def to_rgb(im):
-    """im as 8-bit RGB. PIL's convert("RGB") clips 16- and 32-bit pixels at 255 (a white image), so these
-    are scaled first: integer modes (I;16, I;16B, I) hold 16-bit values, v -> v >> 8; a float image (F)
-    with values in 0..1 becomes int(v * 255), any other float image is read as 16-bit values too."""
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
-        a = a * 255 if im.mode == "F" and a.size and a.max() <= 1 else a / 256
-        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    return im.convert("RGB")
-
-
-def unreadable(src):
-    """Why PIL cannot fully decode the image at src (a path or file object), or None if it can."""
-    try:
-        with Image.open(src) as im:
-            im.load()
-        return None
-    except Exception as e:  # OSError (garbage, truncated), SyntaxError, DecompressionBombError, struct.error...
-        return f"{type(e).__name__}: {e}"
 
 
 def random_pixels(key, size):

@@ -1,7 +1,8 @@
 """How a sample becomes tokens: the families' processors, the prompt templates (ours and the authors') in PROMPTS,
 the answer tokens, the lengths of samples, and collate's batches with their labels and sample masks; also the generic
 path's processor and prompt row, read off the chat template of a model type in no row of model.FAMILIES. Imports no
-module of ours but perturb: model.py imports this one, and puts its FAMILIES table here (below).
+module of ours but perturb: a processor carries its family's row as `processor.row` (model.load_processor sets it),
+and what is read here is that row's image side: image_size, image_tokens and image_keys.
 """
 import json
 import re
@@ -11,16 +12,6 @@ import torch
 import transformers
 
 import perturb
-
-# model.FAMILIES, the same dict: model.py fills it as it loads (this module never imports model.py, which imports it).
-# What is read here is a family's image side: image_size, image_tokens and image_keys.
-FAMILIES = {}
-
-
-def family_row(processor):
-    """The row of processor's family: FAMILIES', or the generic one generic_processor built for it."""
-    return processor.generic if processor.family == GENERIC else FAMILIES[processor.family]
-
 
 SYSTEM_QWEN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
@@ -170,7 +161,7 @@ def _row(processor, style):
     if style not in STYLES:
         raise ValueError(f"unknown prompt style {style!r}: expected one of {', '.join(STYLES)}")
     fam = processor.family  # the generic family's rows were built from this processor's chat template
-    rows = family_row(processor)["prompts"] if fam == GENERIC else {s: r for (f, s), r in PROMPTS.items() if f == fam}
+    rows = processor.row["prompts"] if fam == GENERIC else {s: r for (f, s), r in PROMPTS.items() if f == fam}
     if style not in rows:
         raise ValueError(f"prompt style {style!r} is not written for the {fam} family: use "
                          + " or ".join(repr(s) for s in rows))
@@ -191,7 +182,7 @@ def prompt_text(processor, sample, train=False, style="ours"):
 
 def image_size(processor):
     """Side of the square the family's vision encoder sees: canvases and random pixels are drawn at it."""
-    return family_row(processor)["image_size"](processor.image_processor)
+    return processor.row["image_size"](processor.image_processor)
 
 
 def _ids(tokenizer, text):
@@ -226,7 +217,7 @@ def answers_ids(processor, texts, style="ours"):
 def n_image_tokens(processor, size):
     """The image tokens the family's processor inserts for an image of PIL size (width, height), without the
     image: Image.open(path).size reads only the header."""
-    return family_row(processor)["image_tokens"](processor, tuple(size))
+    return processor.row["image_tokens"](processor, tuple(size))
 
 
 def n_tokens(processor, sample, size, train=True, style="ours"):
@@ -270,7 +261,7 @@ def collate(processor, samples, train=True, max_length=None, style="ours"):
     """Render samples with the family's template (PROMPTS[family, style]) into a right-padded batch the
     transformers forward accepts, plus `labels` (-100 except the answer tokens when `train`) and `tasks`.
     The generic family keeps all its processor returns (it is evaluated, never trained: train=False)."""
-    f, tok, size = family_row(processor), processor.tokenizer, image_size(processor)
+    f, tok, size = processor.row, processor.tokenizer, image_size(processor)
     rows = []
     for s in samples:
         image = perturb.load_image(s, size)  # a DataError of its own, naming the sample and the file
@@ -366,7 +357,7 @@ def _specials(tokenizer, text):
 
 
 def generic_processor(path):
-    """AutoProcessor of a model type in no row of FAMILIES, `.family` GENERIC and `.generic` its row. The answer is
+    """AutoProcessor of a model type in no row of FAMILIES, `.family` GENERIC and `.row` its row. The answer is
     written as the template writes an assistant turn's text after the generation prompt (Idefics3: " B" after
     "Assistant:"). Canvases are drawn at the vision encoder's image_size, else the image processor's (crop) height,
     else 336 (the authors' canvas)."""
@@ -391,7 +382,7 @@ def generic_processor(path):
     side = next((s for s in sides if s), 336)
     side = side[0] if isinstance(side, (list, tuple)) else side
     processor.family = GENERIC
-    processor.generic = dict(
+    processor.row = dict(
         cls=transformers.AutoModelForImageTextToText, image_keys=None, image_size=lambda ip: side,
         image_tokens=_counted, dynamic=True, model_type=config.model_type, counted={},
         prompts={"ours": dict(render=perturb.render, prompt="{text}".join(escape(p) for p in prompt.split(MARK)),
@@ -403,14 +394,14 @@ def _counted(processor, size):
     """n_image_tokens of the generic family: the tokens an image of that size adds to a prompt, plus the placeholder
     they replace (as the table's image_tokens count), from the processor run once per size on a blank image: only
     the processor knows (Idefics3 cuts an image into a number of tiles that depends on its size)."""
-    if size not in processor.generic["counted"]:
+    if size not in processor.row["counted"]:
         from PIL import Image
         tok, text = processor.tokenizer, _row(processor, "ours")["prompt"].format(text="")
         plain = tok(text, **_specials(tok, text))["input_ids"]
         ids = processor(images=Image.new("RGB", size), text=text, **_specials(tok, text))["input_ids"][0]
         placeholder = tok.convert_tokens_to_ids(str(processor.image_token))
-        processor.generic["counted"][size] = len(ids) - len(plain) + plain.count(placeholder)
-    return processor.generic["counted"][size]
+        processor.row["counted"][size] = len(ids) - len(plain) + plain.count(placeholder)
+    return processor.row["counted"][size]
 
 
 # ---- the authors' protocol: which option a generated answer names ----------------------------------------

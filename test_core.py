@@ -25,9 +25,11 @@ from PIL import Image
 import losses
 import model as M
 import perturb
+import samples as S
 import prompts as P
 from perturb import APPLIES, TASKS, DataError
-from tiny import make_tiny, make_tokenizer
+from model import make_tiny
+from tiny import make_tokenizer
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
 
@@ -602,7 +604,7 @@ def test_load_samples_decode_names_the_line_and_sample_of_a_bad_image(tmp_path):
         assert len(perturb.load_samples(path)) == 3  # without decode only paths are checked
         with pytest.raises(DataError, match=rf"^{re.escape(path)}:3: the image of sample 'bad' cannot be decoded"):
             perturb.load_samples(path, decode=True)
-        assert perturb.unreadable(tmp_path / "images" / name)  # the converters' check too (data/common.py)
+        assert S.unreadable(tmp_path / "images" / name)  # the converters' check too (data/common.py)
         with pytest.raises(DataError, match=name):
             perturb.load_image({"id": "bad", "image": str(tmp_path / "images" / name)})
     many = [{**rows[1], "id": f"ok-{i}", "image": str(_image(tmp_path / "many" / f"{i}.png"))} for i in range(40)]
@@ -1330,3 +1332,12 @@ def test_toy_smoke_runs_every_stage_once(tmp_path):
     summary = json.loads((ours / "eval" / "diagnosis.json").read_text())
     assert set(summary["toy-shapes"]) == {"orig", "uf", "md"} and set(summary["toy-known"]) == {"orig", "rp", "ri",
                                                                                                "fb", "fw"}
+
+
+def test_the_libraries_under_model_py_never_import_it():
+    """model.py imports tiny.py (make_tiny) and prompts.py, and neither imports it back: no circle, and a processor
+    carries its family's row (processor.row) instead of prompts.py reading model.FAMILIES."""
+    code = "import sys, tiny, prompts, samples, perturb; print(sorted(m for m in ('model', 'train') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.stdout.strip() == "[]"

@@ -15,7 +15,8 @@ import perturb
 import prompts as P
 from test_core import _write_dataset
 from test_train import _metrics, _train, toy  # noqa: F401 (toy: the toy data, a pytest fixture)
-from tiny import INTERNVL_TOKENS, make_tiny
+from model import make_tiny
+from tiny import INTERNVL_TOKENS
 
 FAMILIES = ["qwen2-vl", "llava-next", "llava-next-mistral", "internvl"]
 TRAINED = ["qwen2-vl", "llava-next", "internvl"]  # llava-next-mistral is llava-next's row with another LLM and template
@@ -50,7 +51,7 @@ def _samples():
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_a_tiny_checkpoint_loads_as_its_family_from_config_json(tiny, fam):
     m, p, folder = tiny(fam)
-    assert m.family == p.family == fam and type(m) is M.FAMILIES[fam]["cls"]
+    assert m.family == p.family == fam and p.row is M.FAMILIES[fam] and type(m) is M.FAMILIES[fam]["cls"]
     config = json.load(open(os.path.join(folder, "config.json")))
     assert M.checkpoint_family(folder) == fam and config["text_config"]["model_type"] == (
         "mistral" if fam.endswith("mistral") else "llama" if fam.startswith("llava") else
@@ -147,7 +148,7 @@ def test_internvl_on_the_real_tokenizer_gives_the_hub_ids():
     tok.add_tokens(["<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"], special_tokens=True)
     assert tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"]) == [151665, 151666, 151667]
     p = P.InternVLImageProcessor(GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}), tok)
-    p.family = "internvl"
+    p.family, p.row = "internvl", M.FAMILIES["internvl"]
     s = dict(_samples()[0], image=Image.new("RGB", (448, 448)))
     batch = P.collate(p, [s])
     ids = batch["input_ids"][0].tolist()

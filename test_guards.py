@@ -11,7 +11,7 @@ import pytest
 import model as M
 import prompts as P
 import toy
-from tiny import make_tiny
+from model import make_tiny
 
 
 def test_toy_stage_cut_during_export_is_not_done(tmp_path):

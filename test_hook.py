@@ -10,7 +10,7 @@ import bench
 import losses
 import model as M
 import prompts as P
-from tiny import make_tiny
+from model import make_tiny
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
 
@@ -39,6 +39,23 @@ def _samples():
         dict(id="img-2", task="image_heavy", image=blue, question="What is shown ?", options=["red", "blue"],
              answer=1, source="toy"),
     ]
+
+
+def image_rows(batch, rows):
+    """Some rows of a collated batch, image inputs included (a pass under the hook runs the vision tower, so unlike
+    model.rows_of it needs them). Qwen's pixel_values are patches of all images end to end,
+    image_grid_thw.prod(-1) of them per image (one image a row): the one family-specific line it takes."""
+    idx, n = torch.tensor(rows), len(batch["input_ids"])
+    out = {k: [v[r] for r in rows] if isinstance(v, list) else v[idx] for k, v in batch.items()
+           if isinstance(v, list) or v.shape[0] == n}
+    if "image_grid_thw" in batch:
+        patches = batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())
+        out["pixel_values"] = torch.cat([patches[r] for r in rows])
+    return out
+
+
+def cat_batches(a, b):
+    return {k: a[k] + b[k] if isinstance(a[k], list) else torch.cat([a[k], b[k]]) for k in a}
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -74,11 +91,11 @@ def test_hook_path_gives_todays_logits_losses_and_delta_gradient(tiny, fam):
                                                                                         shift=False)
 
     d_today = delta[adv].clone().requires_grad_(True)
-    sub = bench.image_rows(batch, adv)
-    loss_today = total(M.logits(m, torch.cat([embeds, embeds[adv] + d_today]), bench.cat_batches(batch, sub), keep))
+    sub = image_rows(batch, adv)
+    loss_today = total(M.logits(m, torch.cat([embeds, embeds[adv] + d_today]), cat_batches(batch, sub), keep))
     (grad_today,) = torch.autograd.grad(loss_today, d_today)
     d_hook = delta[adv].clone().requires_grad_(True)
-    full = bench.cat_batches(batch, sub)
+    full = cat_batches(batch, sub)
     assert full["input_ids"].shape[0] == n + len(adv) and full["tasks"][n:] == [batch["tasks"][r] for r in adv]
     loss_hook = total(bench.hook_logits(m, full, torch.cat([torch.zeros_like(embeds), d_hook]), keep))
     (grad_hook,) = torch.autograd.grad(loss_hook, d_hook)
@@ -90,7 +107,7 @@ def test_hook_path_gives_todays_logits_losses_and_delta_gradient(tiny, fam):
 def test_image_rows_picks_each_rows_own_qwen_patches(tiny):
     m, p = tiny("qwen2.5-vl")
     batch = P.collate(p, _samples())
-    sub = bench.image_rows(batch, [3, 0])
+    sub = image_rows(batch, [3, 0])
     alone = P.collate(p, [_samples()[3], _samples()[0]])
     width = alone["input_ids"].shape[1]
     assert torch.equal(sub["pixel_values"], alone["pixel_values"])

@@ -14,7 +14,7 @@ import prompts as P
 import shortcuts
 import train
 from test_train import _metrics, _train, _weights, toy  # noqa: F401 (one session-scoped toy world)
-from tiny import make_tiny
+from model import make_tiny
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
 

@@ -11,6 +11,7 @@ import torch
 import evaluate
 import model as M
 import perturb
+import samples as S
 import prompts as P
 from test_core import FAMILIES, _samples, _write_dataset, tiny  # noqa: F401 (tiny is a fixture)
 
@@ -169,7 +170,7 @@ def test_protocol_authors_sets_their_flags_and_the_facts_file_and_canvas_reach_t
     saved = json.loads((out / "run.json").read_text())
     assert (saved["prompt"], saved["score"], saved["canvas_size"], saved["facts_replacement"]) == (
         "authors", "logits", 336, True)  # --score given explicitly wins over the protocol's generate
-    assert saved["facts_file"] == perturb.sha256(str(facts)) and "repetition_penalty" not in saved
+    assert saved["facts_file"] == S.sha256(str(facts)) and "repetition_penalty" not in saved
     uf = [s for name, size, s in made if name == "uf" and size != 1]
     assert uf and all(s["question"].count("The Nile flows north.") + s["question"].count("Honey never spoils.") == 3
                       for s in uf)  # 3 facts drawn from 2: with replacement, from the file alone

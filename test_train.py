@@ -22,7 +22,8 @@ import profiling
 import prompts as P
 import train
 from perturb import APPLIES, DataError
-from tiny import make_parts, make_tiny
+from model import make_tiny
+from tiny import make_parts
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
 

@@ -1,16 +1,14 @@
-"""Tiny random-init checkpoints of the real transformers classes, built offline (a word-level tokenizer, the
-family's real processor and config at a small size), for the tests, toy.py and bench.py; each loads with
-model.load(folder) exactly like a hub checkpoint. `python tiny.py llava out/tiny-llava` writes one.
+"""The parts of tiny random-init checkpoints of the real transformers classes, built offline (a word-level tokenizer,
+the family's real processor and config at a small size), for the tests, toy.py and bench.py; model.make_tiny
+writes one, which loads with model.load(folder) exactly like a hub checkpoint. `python tiny.py llava out/tiny-llava`.
 """
-import os
 import sys
 
-import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-import model as M
 import perturb
+import prompts
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>",
             "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -37,16 +35,6 @@ def make_tokenizer(words=(), image_token="<image>", named=None):
         extra_special_tokens=({"image_token": image_token} if image_token else {}) | (named or {}))
     tok.add_special_tokens({"additional_special_tokens": SPECIALS[4:]})
     return tok
-
-
-def make_tiny(family, folder, words=(), seed=0, dtype=None, **dims):
-    """Write a random-init checkpoint of the family's real transformers class, with an offline
-    tokenizer and processor, loadable by model.load(folder) exactly like a hub checkpoint."""
-    torch.manual_seed(seed)
-    config, processor = make_parts(family, words, **dims)
-    model = M.FAMILIES[family]["cls"](config)
-    os.makedirs(folder, exist_ok=True)
-    return M.save(model.to(dtype) if dtype else model, processor, folder)
 
 
 def make_parts(family, words=(), hidden=32, layers=2, heads=2, vision_hidden=32, vision_layers=2, *,
@@ -108,7 +96,8 @@ def make_parts(family, words=(), hidden=32, layers=2, heads=2, vision_hidden=32,
             vision_config=dict(depth=vision_layers, num_heads=vision_heads, patch_size=14, **visual))
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
-        processor = M.FAMILIES[family]["processor"](image_processor=ip, tokenizer=tok)
+        cls = prompts.QwenImageProcessor if family == "qwen2.5-vl" else prompts.Qwen2ImageProcessor
+        processor = cls(image_processor=ip, tokenizer=tok)
     elif family == "internvl":  # Qwen2 LLM; its pixel shuffle halves the encoder's patch grid each way
         tok.eos_token = "<|im_end|>"
         text.update(model_type="qwen2", eos_token_id=ids("<|im_end|>"))
@@ -121,7 +110,7 @@ def make_parts(family, words=(), hidden=32, layers=2, heads=2, vision_hidden=32,
         ip = GotOcr2ImageProcessorPil(size={"height": image, "width": image}, image_mean=[0.485, 0.456, 0.406],
                                       image_std=[0.229, 0.224, 0.225], crop_to_patches=False, min_patches=1,
                                       max_patches=12)
-        processor = M.FAMILIES[family]["processor"](ip, tok, image_seq_length=config.image_seq_length)
+        processor = prompts.InternVLImageProcessor(ip, tok, image_seq_length=config.image_seq_length)
     elif family == "instructblip":
         config = transformers.InstructBlipConfig(
             vision_config=dict(**vision, image_size=image, patch_size=patch),
@@ -132,10 +121,12 @@ def make_parts(family, words=(), hidden=32, layers=2, heads=2, vision_hidden=32,
         ip = BlipImageProcessorPil(size={"height": image, "width": image})
         processor = transformers.InstructBlipProcessor(ip, tok, make_tokenizer(words), num_query_tokens=4)
     else:
-        raise ValueError(f"unknown family {family!r}: expected one of {sorted(M.FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}: expected one of llava, llava-next, llava-next-mistral, "
+                         f"qwen2.5-vl, qwen2-vl, internvl, instructblip")
     return config, processor
 
 
 if __name__ == "__main__":  # python tiny.py FAMILY FOLDER [VOCAB_FILE]
+    import model  # the script writes a checkpoint, which is model.py's to do (the library part needs no model.py)
     words = open(sys.argv[3], encoding="utf-8").read().split() if len(sys.argv) > 3 else ()
-    print(make_tiny(sys.argv[1], sys.argv[2], words))
+    print(model.make_tiny(sys.argv[1], sys.argv[2], words))

@@ -15,9 +15,10 @@ import subprocess
 import sys
 import time
 
+import charts
 import diagnose
 import evaluate
-from tiny import make_tiny
+from model import make_tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A model of ~1 M parameters: CLIP on 32 px images in 8 px patches (16 image tokens), Llama of 3 layers.
@@ -199,7 +200,7 @@ def main():
     phase("diagnosing the fine-tuned model", t0, 4.8, 5)
     after = diagnosis(ours, args.seed)
     radar = os.path.join(root, "radar.png")
-    diagnose.chart(radar, [before, after], ["vanilla", "ours"], SOURCES["image_heavy"] + SOURCES["text_heavy"])
+    charts.radar(radar, [before, after], ["vanilla", "ours"], SOURCES["image_heavy"] + SOURCES["text_heavy"])
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min; predictions and diagnosis.json under {root}, "
           f"the radar chart in {radar}\n")
     print(before_after(before, after))

@@ -9,6 +9,7 @@ import re
 import sys
 
 import perturb
+import samples as S
 
 
 def write_samples(path, samples, skipped=None):
@@ -27,7 +28,7 @@ def write_samples(path, samples, skipped=None):
 def readable_image(src):
     """Whether PIL can fully decode the image at src, a path or file object: a converter's check before it
     keeps a sample. A truncated or garbage file, or one over PIL's decompression-bomb limit, is not."""
-    return perturb.unreadable(src) is None  # the very check load_samples(decode=True) makes
+    return S.unreadable(src) is None  # the very check load_samples(decode=True) makes
 
 
 def safe_name(text, folders=False):
