@@ -7,6 +7,7 @@ architectures per rank, sharded on the meta device exactly as train.py shards th
   python bench.py --plan-only --world 4 8 --rows 20 --length 700 --plan-lora 16    # memory plan only
   python bench.py --eval           # evaluate.py's throughput with its shortcuts on and off
   python bench.py --hook --steps 2   # experimental: today's PGD path against a hook on the first decoder layer
+  python bench.py --optimizer      # the AdamW step alone, fused against the loop, and the offloaded 7B/13B update
 """
 import argparse
 import contextlib
@@ -401,6 +402,81 @@ def plans(args):
           "gradients, AdamW), every other weight frozen in bf16; activations add the adapters' rank-R outputs.")
 
 
+# ---- the optimizer step alone (issue 28): train.py's AdamW against the loop it replaced, and the offloaded update --
+def optimizer_bench(args, steps=5):
+    """Seconds per AdamW step over the trained parameters of a random-weight LLaVA (args.arch's shapes; a 7B or 13B
+    --arch times the `cpu` one), fp32 FSDP2 shards on CPU as train.py holds them (DTensors, which is also where
+    --cpu-offload keeps them): torch's default, a loop over tensors (train.py before issue 28), against
+    train.adamw's choice, alternated step by step on the same parameters and gradients; and clip_grad_norm_, the
+    rest of --profile's optimizer phase. Then parameters per second times each planned model's trained parameters:
+    the offloaded update on this host. Under torchrun each rank updates its shards while the others update theirs
+    (they share the host's cores, as ranks on one node do); rank 0 prints."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # one process: no collective to wait for
+    import train
+
+    arch = args.arch if args.arch in ("tiny", "cpu") else "cpu"
+    config, _ = make_parts("llava", (), **ARCHS[arch])
+    torch.manual_seed(0)
+    model = M.FAMILIES["llava"]["cls"](config)
+    M.freeze(model)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
+    try:
+        for block in [*M.blocks(model), model]:
+            fully_shard(block, mesh=init_device_mesh("cpu", (world,)))
+        trainable = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+        params = [q for _, q in trainable]
+        for q in params:
+            q.grad = torch.zeros_like(q)  # a DTensor of q's shards
+            q.grad.to_local().normal_(0, 1e-3)
+        flags = train.parse(["--lr", "1e-6"])  # train.py's --weight-decay and --adam-eps; small steps
+        chosen, loop = train.adamw(flags, trainable), train.adamw(flags, trainable)
+        for group in loop.param_groups:
+            group["fused"] = None
+        name = "fused" if chosen.param_groups[0]["fused"] else "default"
+        times = {"loop": [], name: [], "clip": []}
+        for i in range(1 + steps):  # the first: state allocation, untimed
+            for key, step in (("loop", loop.step), (name, chosen.step),
+                              ("clip", lambda: float(torch.nn.utils.clip_grad_norm_(params, 1e9).full_tensor()))):
+                dist.barrier()  # the ranks start each together
+                t0 = time.perf_counter()
+                step()
+                times[key] += [time.perf_counter() - t0] * bool(i)
+        rank = dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+    n = sum(q.to_local().numel() for q in params)  # this rank's
+    r = {k: statistics.median(v) for k, v in times.items()} | dict(chosen=name, params=n, world=world,
+                                                                   threads=torch.get_num_threads())
+    if rank:
+        return r
+    cores, threads = len(os.sched_getaffinity(0)), f"{r['threads']} thread{'s' * (r['threads'] > 1)} a rank"
+    print(f"AdamW step alone: the trained parameters of the {arch} LLaVA as fp32 FSDP2 shards on CPU, {n / 1e6:.1f}M "
+          f"a rank, {world} rank{'s' * (world > 1)} ({cores} cores, {threads}); median of {steps} steps, alternated "
+          f"on the same parameters\n")
+    print("| step | ms | M params/s a rank | x loop |\n|---|---|---|---|")
+    for key, label in (("loop", "AdamW loop (before issue 28)"), (name, f"AdamW {name} (train.py's)"),
+                       ("clip", "clip_grad_norm_ (the rest of the optimizer phase)")):
+        print(f"| {label} | {1000 * r[key]:.1f} | {n / r[key] / 1e6:.{0 if n / r[key] >= 1e7 else 2}f} | "
+              f"{format(r['loop'] / r[key], '.2f') if key != 'clip' else '-'} |")
+    if args.plan:
+        print(f"\nthe offloaded AdamW update at these rates, {world} rank{'s' * (world > 1)} on this host: {name} "
+              f"(the loop) + clip_grad_norm_")
+    for a in args.plan:
+        t = plan(a, 1, args.rows, args.length)["trained"] / world / n  # this rank's share, in timed steps
+        print(f"  {a}: {t * world * n / 1e9:.2f}B trained parameters: {t * r[name]:.1f} s ({t * r['loop']:.1f} s) "
+              f"+ {t * r['clip']:.1f} s a step")
+    with open(os.path.join(args.out, f"optimizer-{arch}.json"), "w") as f:
+        json.dump(r, f, indent=1)
+    return r
+
+
 def eval_bench(args):
     """Evaluation throughput of evaluate.score, --shortcuts on and off, on the random-weight LLaVA of args.arch and
     the toy test data: (sample, intervention) rows per second per task under all its interventions, the batches
@@ -457,6 +533,8 @@ def main(argv=None):
     p.add_argument("--eval", action="store_true", help="only evaluate.py's throughput, --shortcuts on and off")
     p.add_argument("--hook", action="store_true", help="only the experimental comparison of today's PGD path "
                    "(embed once, then the language model) with the full forward under a hook (issue 17)")
+    p.add_argument("--optimizer", action="store_true", help="only the AdamW step, train.py's against the loop it "
+                   "replaced (issue 28), and the offloaded update of the --plan models it projects")
     p.add_argument("--world", type=int, nargs="+", default=[1, 4, 8], help="ranks for the memory plan")
     p.add_argument("--rows", type=int, default=20, help="rows per pass for the activation estimate")
     p.add_argument("--length", type=int, default=700, help="tokens per row (LLaVA-1.5: 576 image tokens + text)")
@@ -467,11 +545,15 @@ def main(argv=None):
         return eval_bench(args)
     if args.hook:
         return hook_bench(args)
+    if args.optimizer:
+        return optimizer_bench(args)
     if not args.plan_only:
         speed(args)
         print()
     if args.plan:
         plans(args)
+        print()
+        optimizer_bench(args)  # beside the plan: what the offloaded update of the planned models costs on this host
 
 
 if __name__ == "__main__":

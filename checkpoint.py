@@ -3,17 +3,24 @@ and whether its settings match this run's, metrics.jsonl, and the exported Huggi
   OUT/ckpt-NNNNNNNN/  state.json (step, world, args, inputs, file sizes), the trained weights and optimizer state
                       (torch.distributed.checkpoint: any number of processes resumes them), each rank's RNG states
   OUT/metrics.jsonl   one line per optimizer step
-  OUT/config.json, model.safetensors, ...   the trained model (a LoRA run: its adapter), written at the end
-and of evaluate.py: OUT/predictions.jsonl, and OUT/run.json, the settings that made them.
+  OUT/config.json, model.safetensors, ...   the trained model (a LoRA run: its adapter, with base_identity.json),
+                      written at the end
+and of evaluate.py: OUT/predictions.jsonl, and OUT/run.json, the settings that made them. While a run writes
+the folder, OUT/.lock says so (hold): a second run into it is refused.
 """
+import atexit
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import random
 import re
 import shutil
+import socket
 import sys
 
+import huggingface_hub
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -30,6 +37,13 @@ class RunError(ValueError):
 
 CKPT = re.compile(r"ckpt-\d{8}")  # the only folders resume reads and pruning deletes: a user's ckpt-best is theirs
 EXPORT = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json")
+# Every name model.save may write into --out (a model or an adapter and its processor, a --merge run's adapter/):
+# an export removes the earlier export's (another kind, other shards) and nothing else: evaluate.py's files stay
+EXPORTED = re.compile(r"(adapter_|generation_|preprocessor_|processor_|video_preprocessor_|tokenizer_)?config\.json|"
+                      r"(pytorch_model|model|adapter_model)\S*\.(safetensors|bin)|model\.safetensors\.index\.json|"
+                      r"tokenizer\.(json|model)|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|"
+                      r"merges\.txt|chat_template\.(json|jinja)|base_identity\.json|adapter|qformer_tokenizer")
+MARKERS = ("adapter_config.json", "config.json")  # what model.load reads first: removed first, moved in last
 
 # Flags that cannot change the losses; the rest must match the checkpoint's run, or a resume would
 # continue a different run (data and model are compared by content, in `inputs`)
@@ -38,7 +52,7 @@ FREE = {"save_every", "keep_checkpoints", "profile", "resume", "overwrite", "max
         "batch_size", "grad_accum"}  # these two: a resume on another number of processes keeps their product
 
 # Flags added since, with the value that gives what a checkpoint written before them computed
-EARLIER = {"pgd_scope": "template", "lora": 0}
+EARLIER = {"pgd_scope": "template", "lora": 0, "eps_scale": "none"}
 FORMAT = "dcp"  # what state.json says of checkpoints written since this file used torch.distributed.checkpoint
 
 
@@ -111,6 +125,7 @@ def resume_point(args, inputs):
             return None, (f"error: {folder} was written by an earlier train.py, one file of shards per process, "
                           f"which this one cannot read: resume it with that version, or start a fresh run")
         then = EARLIER | {k: v for k, v in state["args"].items() if k not in FREE} | state.get("inputs", {})
+        then.setdefault("pgd_step", "sign" if then.pop("pgd_sign", False) else "raw")  # a flag since renamed
         now = {k: v for k, v in vars(args).items() if k not in FREE} | inputs
         changed = changes(then, now, lambda k: k if k.startswith("-") else "--" + k.replace("_", "-"))
         if changed:
@@ -195,11 +210,12 @@ def load(folder, step_model, optimizer):
     return step
 
 
-def start(args, step, replacing):
-    """Makes --out; --overwrite removes the earlier run's checkpoints (they would be resumed and pruned as this
-    run's); metrics.jsonl keeps the lines of the steps before `step`. Returns its path."""
+def start(args, step):
+    """Makes --out; --overwrite (without --resume) removes the earlier run's checkpoints (they would be resumed and
+    pruned as this run's), its model when this run exports; metrics.jsonl keeps the lines of the steps before
+    `step`. Returns its path."""
     os.makedirs(args.out, exist_ok=True)
-    if replacing:
+    if args.overwrite and not args.resume:
         for name in checkpoints(args.out):
             shutil.rmtree(os.path.join(args.out, name))
     path = os.path.join(args.out, "metrics.jsonl")
@@ -214,9 +230,10 @@ def start(args, step, replacing):
 
 # ---- the output: a Hugging Face folder that plain transformers loads --------------------------------------
 # (of a LoRA run, the adapter folder in PEFT's format, which names its base; with --merge the merged model too)
-def export(args, step_model, hf_model, peft_model, processor, replacing, old_export):
-    """Gathers the trained weights from every rank and (rank 0) writes them into --out, through a temporary folder;
-    returns them (rank 0; names as the model's own)."""
+def export(args, step_model, hf_model, peft_model, processor):
+    """Gathers the trained weights from every rank and (rank 0) writes them into --out, through a temporary folder,
+    in place of any earlier export (of a resumed or replaced run, another kind: an adapter beside a full model
+    would load first); returns them (rank 0; names as the model's own)."""
     full = get_model_state_dict(step_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                      ignore_frozen_params=args.lora > 0))
     if dist.get_rank() != 0:
@@ -227,21 +244,117 @@ def export(args, step_model, hf_model, peft_model, processor, replacing, old_exp
     if args.lora:
         adapter = os.path.join(tmp, "adapter") if args.merge else tmp
         M.save(peft_model, processor, adapter, state_dict={"base_model.model." + k: v for k, v in full.items()})
+        save_json(base_identity(M.where(peft_model.peft_config["default"].base_model_name_or_path)),
+                  os.path.join(adapter, BASE))  # what the base was: loading the adapter on another is refused
         if args.merge:  # in float32, as training holds the weights: a bf16 base plus a small B @ A would round it off
             M.save(*M.load(adapter, dtype=torch.float32), tmp)
     else:
         M.save(hf_model, processor, tmp, state_dict=full)
-    if replacing and old_export:  # the earlier model's files go, or two models (of two families, say) would mix
-        for name in os.listdir(args.out):  # folders stay: checkpoints, a user's eval/
-            if os.path.isfile(os.path.join(args.out, name)) and name != "metrics.jsonl":
-                os.remove(os.path.join(args.out, name))
-        shutil.rmtree(os.path.join(args.out, "adapter"), ignore_errors=True)  # a --merge run's adapter
-    for name in os.listdir(tmp):
-        if os.path.isdir(os.path.join(args.out, name)):  # an earlier export's folder (InstructBLIP's qformer_tokenizer)
-            shutil.rmtree(os.path.join(args.out, name))
+    # A kill at any point leaves no folder that loads other weights: the earlier export goes, its config first
+    # (until ours is in, model.load finds no model), then ours comes in, its config last
+    ours = os.listdir(tmp)
+    earlier = [n for n in os.listdir(args.out) if EXPORTED.fullmatch(n) or n in ours]
+    for name in sorted(earlier, key=lambda n: n not in MARKERS):
+        path = os.path.join(args.out, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    for name in sorted(ours, key=lambda n: n in MARKERS):
         os.replace(os.path.join(tmp, name), os.path.join(args.out, name))
     os.rmdir(tmp)
     return full
+
+
+# ---- one run at a time: rank 0 of train.py or evaluate.py (the one that writes the folder's files) holds OUT/.lock,
+# an exclusive flock, which the kernel drops when the process ends however it ends: a killed run's file blocks nobody
+HELD = {}  # the folders this process holds, their open lock files (a test runs two mains in one process)
+
+
+def hold(out):
+    """Locks --out for this run, or returns the error line naming the run that holds it; makes the folder. An --out
+    that cannot be made or locked is left to the checks that say why (checks.out_folder, evaluation_rows)."""
+    if os.environ.get("RANK", "0") != "0" or os.path.realpath(out) in HELD:
+        return None
+    path, made = os.path.join(out, ".lock"), not os.path.exists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        while True:
+            f = open(path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "its pid unknown"
+                f.close()
+                return (f"error: {out}: another run holds this folder ({holder}; {path}): wait for it to end, "
+                        "or choose another --out")
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                    break
+            f.close()  # its holder removed it as we opened it (release): lock the file there now
+    except OSError:  # (a file system without flock: unlocked, as before)
+        return None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    HELD[os.path.realpath(out)] = f, made
+    atexit.register(release, os.path.realpath(out))  # however the run stops (an error line, the end): no lock file, no empty folder
+    return None
+
+
+def release(out):
+    """Ends hold(out): the lock file is removed while still locked (a run that opened it meanwhile tries again), and
+    the folder if hold made it and a refused run left it empty."""
+    f, made = HELD.pop(os.path.realpath(out), (None, False))
+    if f is not None:
+        with contextlib.suppress(OSError):
+            os.remove(f.name)
+        f.close()
+        with contextlib.suppress(OSError):
+            os.rmdir(out) if made else None
+
+
+# ---- an adapter's base: what it was at export (base_identity.json in the adapter), checked when the adapter loads
+BASE = "base_identity.json"
+
+
+def base_identity(base):
+    """model.identity of a local base; of a hub id, the snapshot the local cache holds (None: not cached)."""
+    if os.path.isdir(base):
+        return M.identity(base)
+    cached = huggingface_hub.try_to_load_from_cache(base, "config.json")
+    return {"model": base, "revision": cached.split(os.sep)[-2] if isinstance(cached, str) else None}
+
+
+WARNED = set()
+
+
+def check_base(adapter, base):
+    """base, if it is what the adapter was trained on (an adapter exported before the record is not checked). A
+    local base rebuilt or retrained in place since would give other numbers without a word: RunError naming what
+    changed (not its path: a base moved and named anew in adapter_config.json is the same). A hub base whose cached
+    snapshot is another, or unknown, cannot be checked: a warning."""
+    file = os.path.join(adapter, BASE)
+    if not os.path.isfile(file):
+        return base
+    try:
+        with open(file, encoding="utf-8") as f:
+            then = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunError(f"{file}: unreadable ({e}): export the adapter again, or delete the file to load it "
+                       "unchecked") from None
+    now = base_identity(base)
+    changed = changes({k: v for k, v in then.items() if k not in ("model", "revision")},
+                      {k: v for k, v in now.items() if k not in ("model", "revision")})
+    if changed:
+        raise RunError(f"{adapter}: its base {base} changed since the adapter was trained on it ({'; '.join(changed)}):"
+                       f" restore that base or train the adapter again (the same weights copied anew? delete {file} "
+                       "to load it unchecked)")
+    if "revision" in now and (now["revision"] is None or now["revision"] != then.get("revision")) \
+            and file not in WARNED:
+        WARNED.add(file)
+        print(f"warning: {adapter}: its base {base} is a hub model, checked by its snapshot alone: "
+              f"{then.get('revision') or 'unknown'} at export, {now['revision'] or 'none in the local cache'} now; "
+              "the adapter may load on other weights than it was trained on", file=sys.stderr)
+    return base
 
 
 # ---- evaluate.py's folder: predictions.jsonl and the run.json of the settings that made them ------------
@@ -274,6 +387,9 @@ def evaluation_rows(out, now, resume, overwrite):
     path, saved_path = os.path.join(out, "predictions.jsonl"), os.path.join(out, "run.json")
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"{out}: --out is a file, not a folder (choose another --out)")
+    held = hold(out)  # before reading: another run may be writing the folder
+    if held:
+        raise RunError(held.removeprefix("error: "))
     if overwrite or not os.path.isfile(path) or os.path.getsize(path) == 0:
         return []
     try:

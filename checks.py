@@ -1,12 +1,16 @@
-"""Preflight checks of train.py: a flag, an --out or a sample that would waste the run or the user's files is
-refused before the model loads, in one line. Each check returns that line (or None), and train.py prints it.
+"""Preflight checks of train.py and evaluate.py: a flag, an --out or a sample that would waste the run or the user's
+files is refused before the model loads, in one line. Each check returns that line (or None), and the script prints it.
 """
 import os
+import re
 
+import torch
+import transformers
 from PIL import Image
 
 import checkpoint
 import model as M
+import paper
 import perturb
 import prompts as P
 
@@ -27,25 +31,65 @@ def flags(args):
         return (f"error: --lora {args.lora}{' --merge' * args.merge}"
                 f"{' --no-freeze-vision' * (not args.freeze_vision)}: --lora takes a rank (0: off), --merge needs "
                 f"one, and the vision encoder trains only without --lora")
+    if args.lora and (args.lora_alpha <= 0 or not 0 <= args.lora_dropout < 1):
+        return (f"error: --lora-alpha {args.lora_alpha:g} --lora-dropout {args.lora_dropout:g}: alpha scales the "
+                f"adapters (at 0 or below they do nothing or the opposite), and dropout is a probability below 1")
     if args.max_steps is None and args.epochs <= 0:
         return f"error: --epochs {args.epochs:g} trains nothing: pass a positive number (or --max-steps)"
     return None
 
 
-def facts(args):
-    """(UF's facts in training: the user's file whole, or the built-in train pool; the line refusing them or
-    --k-facts, or None)."""
+MAX_CANVAS = 4096  # pixels a side: past every model's input size (a canvas is resized to it), 48 MiB an image
+
+
+def uf_facts(facts_file, k, replace, canvas_size, pool):
+    """(UF's facts: the user's file whole, or the built-in pool; the message refusing them, k or the canvas size,
+    or None). train.py and evaluate.py ask the same."""
     try:
-        facts = perturb.read_facts(args.facts_file) if args.facts_file else perturb.unrelated_facts("train")
+        facts = perturb.read_facts(facts_file) if facts_file else perturb.unrelated_facts(pool)
     except perturb.DataError as e:
-        return None, f"error: --facts-file {e}"
-    if args.k_facts < 1 or (args.k_facts > len(facts) and not args.facts_replacement):
-        return facts, (f"error: --k-facts {args.k_facts}: UF prepends 1 to {len(facts)} facts ("
-                       f"{args.facts_file or f'the train pool of {perturb.FACTS_FILE}'}; more with "
-                       f"--facts-replacement)")
-    if args.canvas_size is not None and args.canvas_size < 1:
-        return facts, f"error: --canvas-size {args.canvas_size}: canvases need at least 1 pixel a side"
+        return None, f"--facts-file {e}"
+    if k < 1 or (k > len(facts) and not replace):
+        where = facts_file or f"the {pool} pool of {perturb.FACTS_FILE}"
+        return facts, f"--k-facts {k}: UF prepends 1 to {len(facts)} facts ({where}; more with --facts-replacement)"
+    if canvas_size is not None and not 1 <= canvas_size <= MAX_CANVAS:
+        return facts, (f"--canvas-size {canvas_size}: canvases and random pixels take 1 to {MAX_CANVAS} pixels a side "
+                       f"(models resize them to their input, 224 to 448 px)")
     return facts, None
+
+
+def facts(args):
+    """train.py's uf_facts: the train pool, and the line to print."""
+    facts, problem = uf_facts(args.facts_file, args.k_facts, args.facts_replacement, args.canvas_size, "train")
+    return facts, problem and f"error: {problem}"
+
+
+def texts(jobs, facts, k, pool, replace):
+    """The message naming the first sample UF or MD cannot be applied to (too few facts that name none of its options;
+    every wrong option's text would name the answer), or None: found before the model loads, not mid-run."""
+    for s, name in jobs:
+        if name in ("uf", "md"):
+            try:
+                perturb.longest(s, name, facts, k, pool, replace)
+            except ValueError as e:
+                return str(e)
+    return None
+
+
+def evaluation(batch_size, workers, style, scoring, max_new_tokens, repetition_penalty, resume, overwrite):
+    """The message refusing evaluate.py's flags, or None."""
+    if batch_size < 1:
+        return f"--batch-size {batch_size}: must be at least 1"
+    if workers is not None and workers < 0:
+        return f"--workers {workers}: pass 0 (batches made in this process) or more"
+    if style not in P.STYLES or scoring not in ("logits", "generate"):
+        return f"--prompt {style} --score {scoring}: pick a prompt of {' '.join(P.STYLES)} and logits or generate"
+    if scoring == "generate" and (max_new_tokens < 1 or repetition_penalty <= 0):
+        return (f"--max-new-tokens {max_new_tokens}, --repetition-penalty {repetition_penalty}: the first must "
+                "be at least 1, the second above 0 (1.0 is no penalty)")
+    if resume and overwrite:
+        return "--resume continues the predictions in --out and --overwrite replaces them: pass one"
+    return None
 
 
 def out_folder(args):
@@ -68,12 +112,32 @@ def out_folder(args):
 
 
 def model_name(args):
-    """A mistyped local path, or a model type in no row of model.FAMILIES, fails now, not after the data."""
+    """A mistyped local path, a model type in no row of model.FAMILIES, or --lora-targets it lacks, fail now, not
+    after the data."""
     try:
-        M.checkpoint_family(M.where(args.model))
+        family = M.checkpoint_family(M.where(args.model))
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         return f"error: --model {e}"
-    return None
+    if args.paper_defaults and paper.FAMILY[args.paper_defaults] != family:  # another model of its family: a note
+        return (f"error: --paper-defaults {args.paper_defaults} are the authors' settings for that model, and --model "
+                f"{args.model} is a {family} model: pick the defaults of a {family} model, if the table has one, or "
+                f"drop the flag")
+    return lora_targets(args) if args.lora else None
+
+
+def lora_targets(args):
+    """The line refusing --lora-targets of which one matches no module of the model's language model (its
+    architecture on the meta device, no weights read), or None: a typo would train adapters on the others alone."""
+    path = M.where(args.model)
+    with torch.device("meta"):
+        config = transformers.AutoConfig.from_pretrained(path)
+        names = [n for n, _ in M.FAMILIES[M.checkpoint_family(path)]["cls"]._from_config(config).named_modules()]
+    unmatched = [t for t in args.lora_targets if not any(re.fullmatch(M.lora_pattern([t]), n) for n in names)]
+    if not unmatched:
+        return None
+    found = sorted({n.rsplit(".", 1)[-1] for n in names if re.fullmatch(r"(model\.)?language_model\..*_proj", n)})
+    return (f"error: --lora-targets: {' '.join(unmatched)} names no module of {args.model}'s language model "
+            f"(its projections: {' '.join(found)})")
 
 
 # ---- lengths: every row training can make must fit --max-length ------------------------------------------

@@ -30,16 +30,25 @@ def read(args):
         loaded = [(path, perturb.load_samples(path, decode=True)) for path in paths]  # a broken image too
     except (perturb.DataError, FileNotFoundError) as e:  # messages written for people: file, line, what to do
         sys.exit(f"error: {e}")
+    first = {}  # a file checks its own ids; across files (or a file given twice) they must differ too
+    for i, (path, part) in enumerate(loaded):
+        for s in part:
+            j, other = first.setdefault(s["id"], (i, path))
+            if j != i:
+                twice = " (--data names it twice)" * (other == path)
+                sys.exit(f"error: {path}: id {s['id']!r} also appears in {other}{twice}: ids must be unique across "
+                         f"--data (each seeds its sample's perturbations)")
     return paths, [s for _, part in loaded for s in part], {id(s): path for path, part in loaded for s in part}
 
 
 def ri_images(args, samples, schedule):
-    """The real images RI twins draw from (--ri-folder, or the data's image-heavy images), or None without them."""
+    """The real images RI twins draw from (--ri-folder's instead of the data's image-heavy ones), or None."""
     if not args.aug or "text_heavy" not in schedule.pools:
         return None
-    if args.ri_folder is None and not any(s["task"] == "image_heavy" for s in samples):
-        sys.exit("error: text-heavy twins need real images for RI: pass --ri-folder or add image-heavy data")
-    return perturb.ri_pool(samples, args.ri_folder)
+    try:
+        return perturb.ri_pool(samples, args.ri_folder)
+    except perturb.DataError as e:
+        sys.exit(f"error: text-heavy twins need real images for RI: {e}")
 
 
 class Schedule:
@@ -53,6 +62,10 @@ class Schedule:
         if not self.pools:
             sys.exit(f"error: no training samples for the tasks with a positive ratio "
                      f"{ {t: float(r) for t, r in rates.items()} } in {paths}")
+        if list(self.pools) == ["vqa"] and (args.aug or args.adv != "none" or args.cons != "none"):
+            sys.exit(f"error: --preset {args.preset} trains on VQA samples alone here (the data, or the ratios, has no "
+                     f"image- or text-heavy ones), so its twins, PGD and L_cons would do nothing: add such data, or "
+                     f"pass --preset fft-vqa for plain fine-tuning")
         self.share = {t: rates[t] / sum(rates[t] for t in self.pools) for t in self.pools}
         # steps for one pass over each pool; the authors' sampler ends an epoch when the first pool runs out
         # (their 10-hour runs), where waiting for the largest (LLaVA-Instruct's 624k) would take 20-40 times longer
@@ -62,7 +75,8 @@ class Schedule:
             math.ceil(args.epochs * self.steps_per_epoch)
         self.shuffled = {}  # task -> (cycle, permutation): one shuffle per pass over a pool
 
-    def summary(self, twins):
+    def summary(self, args):
+        twins = ("+ twins" if args.twins == "one" else "+ every twin of each") if args.aug else "no twins"
         return (f"originals per step {', '.join(f'{t} {float(self.G * self.share[t]):g}' for t in self.pools)} "
                 f"({twins}); one pass over the smallest pool takes {min(self.passes.values())} steps, over the largest "
                 f"{max(self.passes.values())}")

@@ -1,16 +1,11 @@
-"""The paper's causal diagnostic: how often an intervention on the task-irrelevant modality changes the
-answer. delta_cp = mean over samples of [argmax P != argmax P'], P under `orig`, P' under the
-intervention, with a 95% bootstrap interval; also accuracy, mean total variation |P - P'|_TV and the
-worst-perturbation accuracy per source; where rows carry a "question_id" (MMBench's CircularEval passes),
-also circular_acc: the share of questions whose every pass is right. Writes diagnosis.json beside the
-predictions (docs/format.md, 'Predictions'), one per input: NAME.diagnosis.json for a file NAME.jsonl not named
-predictions.jsonl.
+"""The paper's causal diagnostic: delta_cp = mean over samples of [argmax P != argmax P'], P under `orig`, P' under an
+intervention on the task-irrelevant modality, with a 95% bootstrap interval; also accuracy, total variation, the
+worst intervention and MMBench's CircularEval accuracy. Writes diagnosis.json beside the predictions
+(docs/evaluation.md).
   python diagnose.py out/eval/predictions.jsonl                     # one run
   python diagnose.py out/vanilla/predictions.jsonl out/ours/predictions.jsonl    # two runs side by side
   python diagnose.py --model out/toy/vanilla --data data/toy/test.jsonl --out out/eval   # evaluate first
-  python diagnose.py --chart radar.png out/vanilla/predictions.jsonl out/ours/predictions.jsonl   # Fig. 4
-Rows of `evaluate.py --score generate` may have no probs and an unparsed answer (pred null): it counts as
-wrong, is an answer of its own for delta_cp, and each cell reports how many it has.
+  python diagnose.py --chart radar.png out/vanilla/predictions.jsonl out/ours/predictions.jsonl   # Fig. 4 (or curve)
 """
 import argparse
 import json
@@ -59,7 +54,7 @@ def read(path):
             if score != scored[0]:
                 raise DataError(f"{where}: a {score!r}-scored row after {scored[0]!r}-scored ones (line {scored[1]}): "
                                 "one file holds one run, scored one way")
-            if name not in perturb.APPLIES or r["task"] not in perturb.APPLIES[name]:
+            if r["task"] not in perturb.applies(name):  # attack rows too ("attack@0.01": evaluate --attack-eps)
                 raise DataError(f"{where}: intervention {name!r} does not apply to task {r['task']!r}")
             generated = score == "generate"
             if not distribution(probs) and not (generated and probs is None):
@@ -101,12 +96,16 @@ def bootstrap_ci(flips, n_boot=1000, seed=0):
 
 
 def circular_acc(cell):
-    """CircularEval: a question is right only if every pass of it (rows sharing a question_id) is right."""
-    right = {}
+    """CircularEval: (the share of questions whose every pass is right, None if no question is whole; how many
+    questions were left out). A question is its rows sharing a question_id, one pass per option when whole: one that
+    misses passes could only look better, so it is not counted."""
+    passes = {}
     for r in cell.values():
-        q = r.get("question_id", r["id"])
-        right[q] = right.get(q, True) and r["pred"] == r["answer"]
-    return float(np.mean(list(right.values())))
+        passes.setdefault(r.get("question_id", r["id"]), []).append(r)
+    whole = [rs for rs in passes.values() if len(rs) == rs[0].get("n_options", len(rs[0]["probs"] or ()))
+             or "question_id" not in rs[0]]
+    right = [all(r["pred"] == r["answer"] for r in rs) for rs in whole]
+    return (float(np.mean(right)) if right else None), len(passes) - len(whole)
 
 
 def summarize(rows, n_boot=1000, seed=0):
@@ -120,7 +119,7 @@ def summarize(rows, n_boot=1000, seed=0):
     for source in sorted(by):
         orig = by[source].get("orig", {})
         out[source] = {}
-        for name in [n for n in perturb.APPLIES if n in by[source]]:
+        for name in perturb.ordered(by[source]):
             cell = by[source][name]
             acc = float(np.mean([r["pred"] == r["answer"] for r in cell.values()]))
             pairs = [(orig[i], r) for i, r in cell.items()]
@@ -135,19 +134,22 @@ def summarize(rows, n_boot=1000, seed=0):
             if unparsed:
                 out[source][name]["unparsed"] = unparsed
             if any("question_id" in r for r in cell.values()):
-                out[source][name]["circular_acc"] = circular_acc(cell)
+                acc, left_out = circular_acc(cell)
+                out[source][name].update(circular_acc=acc, **({"circular_incomplete": left_out} if left_out else {}))
     return out
 
 
 def worst(cells):
-    """The lowest accuracy under any intervention but orig (the paper's "Perturbed" column), and which."""
-    perturbed = {n: c["acc"] for n, c in cells.items() if n != "orig"}
+    """The lowest accuracy under any heuristic intervention but orig (the paper's "Perturbed" column), and which."""
+    perturbed = {n: c["acc"] for n, c in cells.items() if n != "orig" and n in perturb.APPLIES}  # no attack
     return min(perturbed.items(), key=lambda kv: kv[1]) if perturbed else (None, None)
 
 
 # Columns a table shows only when some cell has them: (heading, the cell's text).
 EXTRA = {"unparsed": ("unparsed", lambda c: str(c.get("unparsed", 0))),
-         "circular_acc": ("circular acc", lambda c: f"{100 * c['circular_acc']:.1f}" if "circular_acc" in c else "")}
+         "circular_acc": ("circular acc", lambda c: "" if "circular_acc" not in c else ("-" if c["circular_acc"] is None
+                          else f"{100 * c['circular_acc']:.1f}") + (f" ({c['circular_incomplete']} incomplete "
+                          "questions left out)" if c.get("circular_incomplete") else ""))}
 
 
 def table(summary):
@@ -170,7 +172,7 @@ def compare(*summaries, names):
     head = [f"{k} {n}" for k in ("acc", "delta_cp", "n") for n in names]
     lines = ["| source | intervention | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
     for source in sorted(set().union(*summaries)):
-        for name in perturb.APPLIES:
+        for name in perturb.ordered({n for s in summaries for n in s.get(source, {})}):
             cells = [s.get(source, {}).get(name) for s in summaries]
             if any(cells):
                 cols = [f"{100 * c['acc']:.1f}" if c else "-" for c in cells]
@@ -241,16 +243,18 @@ def main(argv=None):
                    "--protocol (authors: their prompt, generated answers parsed for an option, 336 px canvases)")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="of the bootstrap and of the interventions")
-    p.add_argument("--chart", metavar="FILE.png", help="also draw a radar chart (the paper's Fig. 4): one axis per "
-                   "image- or text-heavy source x intervention, accuracy on the radius, one polygon per run")
+    p.add_argument("--chart", metavar="FILE.png", help="also draw a chart: the robustness curve when a run holds "
+                   "attack rows (evaluate.py --attack-eps: delta_cp and its 95%% CI against the radius, a panel per "
+                   "task kind, a line per run), else a radar chart (the paper's Fig. 4: an axis per image- or "
+                   "text-heavy source x intervention, accuracy on the radius, a polygon per run)")
+    p.add_argument("--chart-kind", choices=charts.KINDS, help="with --chart: which one (default auto, as above)")
     p.add_argument("--relative", action="store_true", help="with --chart: accuracy relative to the same run's "
                    "orig accuracy on that source")
     args = p.parse_args(argv)
     paths = args.predictions
-    if args.relative and not args.chart:
-        p.error("--relative is an option of --chart")
-    if args.chart and not os.path.isdir(os.path.dirname(os.path.abspath(args.chart))):
-        p.error(f"--chart {args.chart}: its folder does not exist")
+    problem = charts.problem(args.chart, args.chart_kind, args.relative)
+    if problem:  # before any diagnosis.json is written
+        p.error(problem)
     if args.model:
         import evaluate
         if not (args.data and args.out) or paths:
@@ -270,10 +274,9 @@ def main(argv=None):
         rows = [read(path) for path in paths]
     except DataError as e:
         sys.exit(f"error: {e}")
-    for path, r in zip(paths, rows):
-        if args.chart and not any(x["task"] in charts.TASKS for x in r):
-            sys.exit(f"error: {path}: no image-heavy or text-heavy rows, and the radar chart's axes are their "
-                     "sources x interventions (VQA has no interference to chart)")
+    problem = args.chart and charts.unfit(paths, rows, args.chart_kind, args.relative)
+    if problem:
+        sys.exit(f"error: {problem}")
     summaries = [diagnose(path, args.n_boot, args.seed, r) for path, r in zip(paths, rows)]
     for path, summary in zip(paths, summaries):
         print(f"{path} -> {output_path(path)}\n{table(summary)}\n")
@@ -289,10 +292,8 @@ def main(argv=None):
             print("warning: the runs were scored differently (" + ", ".join(f"{n}: {s}" for n, s in zip(names, scores))
                   + "), so their numbers differ by that too", file=sys.stderr)
     if args.chart:
-        tasks = {x["source"]: x["task"] for r in rows for x in r if x["task"] in charts.TASKS}
-        sources = sorted(tasks, key=lambda s: (charts.TASKS.index(tasks[s]), s))  # image-heavy ones first
-        charts.radar(args.chart, summaries, names, sources, args.relative)
-        print(f"wrote {args.chart}")
+        print(charts.draw(args.chart, args.chart_kind, rows, summaries, names, args.relative,
+                          lambda r: summarize(r, args.n_boot, args.seed)))
 
 
 if __name__ == "__main__":

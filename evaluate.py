@@ -7,6 +7,7 @@ of other settings is refused, --resume continues only the same settings, --overw
   python evaluate.py --model out/toy/vanilla --data data/toy/test.jsonl --out out/eval
   python evaluate.py --model llava-1.5-7b --data data/mmlu --out out/gen --score generate --repetition-penalty 1.2
   torchrun --nproc_per_node 4 evaluate.py --model llava-1.5-7b --data data/mmlu/test.jsonl --out out/mmlu
+  python evaluate.py --model out/toy/vanilla --data data/toy/test.jsonl --out out/eval --attack-eps 1e-3 1e-2  # attack.py
 """
 import argparse
 import json
@@ -18,14 +19,16 @@ import time
 import torch
 import torch.distributed as dist
 
+import attack as A
 import checkpoint
+import checks
 import model as M
 import perturb
 import samples as S
 import prompts as P
 from checkpoint import RunError
 from profiling import progress
-from shortcuts import make_batches, shared_logits
+from shortcuts import shared_logits
 
 
 def rng_for(seed, sample, name):
@@ -55,18 +58,14 @@ def load_data(paths, interventions, ri_folder=None):
         raise RunError(f"{', '.join(paths)}: no sample with options to score (instruction samples are skipped): "
                        "pass multiple-choice data")
     jobs = [(s, n) for s in samples for n in perturb.interventions_for(s["task"]) if n in interventions]
-    if not jobs:
+    asked = [n for n in interventions if n != "orig"]  # orig comes with every other one
+    if asked and all(n == "orig" for _, n in jobs):
         tasks = {s["task"] for s in samples}
         names = [n for n in perturb.APPLIES if tasks & set(perturb.APPLIES[n])]
-        raise RunError(f"--interventions {' '.join(interventions)} apply to none of the data's tasks "
+        raise RunError(f"--interventions {' '.join(asked)} apply to none of the data's tasks "
                        f"({', '.join(sorted(tasks))}): pick from {' '.join(names)}")
     ri_images = None
-    if any(n == "ri" for _, n in jobs):
-        if ri_folder is not None and not os.path.isdir(ri_folder):
-            raise RunError(f"{ri_folder}: no such folder (pass a folder of images to --ri-folder)")
-        if ri_folder is None and not any(s["task"] == "image_heavy" for s in samples):
-            raise RunError("intervention ri needs real images: pass --ri-folder, add an image-heavy file to "
-                             "--data, or leave ri out of --interventions")
+    if any(n == "ri" for _, n in jobs):  # a DataError (of the folder's, or no image-heavy data) names what to pass
         ri_images = perturb.ri_pool(samples, ri_folder)
     return jobs, ri_images
 
@@ -148,7 +147,7 @@ def unparsed(rows):
 
 def settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dtype, scoring="logits",
              max_new_tokens=10, repetition_penalty=1.0, style="ours", facts_file=None, facts_replacement=False,
-             canvas_size=None):
+             canvas_size=None, attack=None):
     """What determines the predictions, kept in OUT/run.json: a resume must match all of it, or one file
     would mix two runs' numbers. Not the batch size: padding is masked, so it changes float noise only
     (and a smaller batch is how a run that ran out of memory goes on). The dtype does count, and so does
@@ -160,12 +159,12 @@ def settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dt
                 prompt=style, score=scoring, facts_file=facts_file and S.sha256(facts_file),
                 facts_replacement=facts_replacement, canvas_size=canvas_size,
                 **(dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
-                   if scoring == "generate" else {}))
+                   if scoring == "generate" else {}), **(dict(attack=attack) if attack else {}))
 
 
 def accuracy_table(rows):
     """Markdown table of accuracy per source x intervention (like the paper's Table 7)."""
-    names = [n for n in perturb.APPLIES if any(r["intervention"] == n for r in rows)]
+    names = perturb.ordered({r["intervention"] for r in rows})
     cells = {}
     for r in rows:
         cells.setdefault((r["source"], r["intervention"]), []).append(r["pred"] == r["answer"])
@@ -179,33 +178,25 @@ def accuracy_table(rows):
 def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=8, seed=0, pool="eval",
         ri_folder=None, resume=False, dtype=None, device=None, k_facts=10, loaded=None, overwrite=False,
         scoring="logits", max_new_tokens=10, repetition_penalty=1.0, style="ours", facts_file=None,
-        facts_replacement=False, canvas_size=None, workers=None, shortcuts=True):
+        facts_replacement=False, canvas_size=None, workers=None, shortcuts=True, attack=None):
     """Evaluate and write OUT/predictions.jsonl; returns its rows. Works alone or under torchrun.
     Arguments, data and --out are checked before the model loads; problems raise RunError (or DataError).
     workers: processes preparing this rank's next batches (default: 2 for a model on GPU, 0 on CPU).
-    shortcuts: score()'s (the same numbers, so no setting of run.json: a run may resume with the other)."""
+    shortcuts: score()'s (the same numbers, so no setting of run.json: a run may resume with the other).
+    attack: attack.settings(...) of the worst-case rows, or None."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     master = rank == 0
-    if batch_size < 1:
-        raise RunError(f"--batch-size {batch_size}: must be at least 1")
-    if workers is not None and workers < 0:
-        raise RunError(f"--workers {workers}: pass 0 (batches made in this process) or more")
-    if style not in P.STYLES:
-        raise RunError(f"--prompt {style}: pick one of {' '.join(P.STYLES)}")
-    if scoring not in ("logits", "generate"):
-        raise RunError(f"--score {scoring}: pick logits or generate")
-    if scoring == "generate" and (max_new_tokens < 1 or repetition_penalty <= 0):
-        raise RunError(f"--max-new-tokens {max_new_tokens}, --repetition-penalty {repetition_penalty}: the first must "
-                       "be at least 1, the second above 0 (1.0 is no penalty)")
-    if canvas_size is not None and canvas_size < 1:
-        raise RunError(f"--canvas-size {canvas_size}: must be at least 1 pixel")
-    facts = perturb.read_facts(facts_file) if facts_file else None  # a DataError naming the file
-    if facts is not None and not facts_replacement and k_facts > len(facts):
-        raise RunError(f"{facts_file}: {len(facts)} facts, fewer than --k-facts {k_facts} (pass --facts-replacement "
-                       "to draw with replacement, as the authors do)")
-    if resume and overwrite:
-        raise RunError("--resume continues the predictions in --out and --overwrite replaces them: pass one")
+    interventions = ["orig"] + [n for n in interventions if n != "orig"]  # delta_cp compares every one with orig
+    facts, problem = checks.uf_facts(facts_file, k_facts, facts_replacement, canvas_size, pool)
+    problem = checks.evaluation(batch_size, workers, style, scoring, max_new_tokens, repetition_penalty, resume,
+                                overwrite) or A.problem(attack, scoring) or problem
+    if problem:
+        raise RunError(problem)
     jobs, ri_images = load_data(data, interventions, ri_folder)
+    jobs = A.jobs(jobs, attack)
+    problem = checks.texts(jobs, facts, k_facts, pool, facts_replacement)  # UF and MD, before the model loads
+    if problem:
+        raise RunError(problem)
     try:  # the family from config.json alone: a model type nothing loads, or a --prompt it lacks, fails here
         fam = loaded[1].family if loaded else M.checkpoint_family(M.where(model_name), generic=True)
     except ValueError as e:
@@ -213,8 +204,10 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
     styles = ["ours"] if fam == P.GENERIC else [s for f, s in P.PROMPTS if f == fam]
     if style not in styles:
         raise RunError(f"--prompt {style}: not written for the {fam} family; pick {' or '.join(styles)}")
+    if attack and fam == P.GENERIC:
+        raise RunError(f"--attack-eps: {model_name} has no row in model.FAMILIES, so no input-embedding path to attack")
     now = settings(model_name, data, interventions, seed, pool, k_facts, ri_folder, dtype, scoring, max_new_tokens,
-                   repetition_penalty, style, facts_file, facts_replacement, canvas_size)
+                   repetition_penalty, style, facts_file, facts_replacement, canvas_size, attack)
     verdict, previous = [None, set()], []
     if master:
         try:
@@ -222,7 +215,7 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
             checkpoint.start_evaluation(out, now, previous)
             verdict[1] = {(r["id"], r["intervention"]) for r in previous}
         except RunError as e:
-            verdict[0] = str(e)
+            verdict[0] = checkpoint.release(out) or str(e)  # (a run in this process may go on)
     if world > 1:
         dist.broadcast_object_list(verdict)
     if verdict[0]:
@@ -236,10 +229,10 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
     size = canvas_size or P.image_size(processor)  # of the canvases and random pixels
 
     def apply(s, name, size=size):
-        return perturb.perturb(s, name, rng_for(seed, s, name), size=size, pool=pool, ri_images=ri_images, k=k_facts,
-                               facts=facts, replace=facts_replacement)
+        return perturb.perturb(s, "orig" if perturb.attack_radius(name) else name, rng_for(seed, s, name), size=size,
+                               pool=pool, ri_images=ri_images, k=k_facts, facts=facts, replace=facts_replacement)
 
-    batches = make_batches(jobs, batch_size, apply)
+    batches = A.batches(jobs, batch_size, apply)  # make_batches', the attack jobs apart
     path = os.path.join(out, "predictions.jsonl")
     todo = [b for b in batches if not all((jobs[i][0]["id"], jobs[i][1]) in done for i in b)]
     todo = todo[-1:] + todo[:-1]  # the longest batch first: a sample past the context, or memory, fails at once
@@ -274,7 +267,10 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
             if isinstance(ready, RunError):
                 raise ready
             chosen, batch = ready
-            if scoring == "generate":
+            if perturb.attack_radius(jobs[mine[0]][1]):  # a batch of attack jobs
+                found = A.found(model, processor, chosen, [jobs[i][1] for i in mine], batch, letter_ids, attack, seed,
+                                style)
+            elif scoring == "generate":
                 texts = generate(model, processor, chosen, max_new_tokens, repetition_penalty, max_length, style,
                                  batch)
                 found = [dict(probs=None, pred=P.parse_answer(t, s["options"]), text=t) for s, t in zip(chosen, texts)]
@@ -286,6 +282,7 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
                 new.append({"id": s["id"], "task": s["task"], "source": s["source"], "intervention": name,
                             "score": scoring, "probs": f["probs"], "pred": f["pred"], "answer": s["answer"],
                             **({"text": f["text"], "n_options": len(s["options"])} if "text" in f else {}),
+                            **({"eps": f["eps"]} if "eps" in f else {}),
                             **({"question_id": s["question_id"]} if "question_id" in s else {})})
         gathered = [None] * world if master else None
         if world > 1:
@@ -305,6 +302,7 @@ def run(model_name, data, out, interventions=tuple(perturb.APPLIES), batch_size=
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(path + ".tmp", path)
+        checkpoint.release(out)  # held since evaluation_rows: a second run into --out was refused meanwhile
     return rows
 
 
@@ -335,12 +333,13 @@ def main(argv=None):
     p.add_argument("--data", required=True, nargs="+",
                    help="JSONL files (docs/format.md, 'A sample'), or folders: their test.jsonl")
     p.add_argument("--out", required=True, help="folder for predictions.jsonl")
-    p.add_argument("--interventions", nargs="+", default=list(perturb.APPLIES), choices=list(perturb.APPLIES))
+    p.add_argument("--interventions", nargs="+", default=list(perturb.APPLIES), choices=list(perturb.APPLIES),
+                   help="orig is always scored too: delta_cp compares every intervention with it")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seeds the interventions (which facts, which wrong option)")
     p.add_argument("--pool", default="eval", choices=["train", "eval"], help="UF/MD wordings: held-out by default")
     p.add_argument("--k-facts", type=int, default=10, help="unrelated facts prepended by UF")
-    p.add_argument("--ri-folder", default=None, help="real images for RI (default: the data's image-heavy images)")
+    p.add_argument("--ri-folder", default=None, help="real images for RI, instead of the data's image-heavy images")
     p.add_argument("--facts-file", default=None, help="UF facts, one a line, used whole (default: our held-out pool)")
     p.add_argument("--facts-replacement", action="store_true", help="draw the k facts with replacement (the authors)")
     p.add_argument("--canvas-size", type=int, default=None,
@@ -369,6 +368,7 @@ def main(argv=None):
                    help="--score generate: tokens generated (the authors: 10)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="--score generate: transformers' repetition penalty (the authors: 1.2; 1.0 is none)")
+    A.arguments(p)
     p.set_defaults(**PROTOCOLS[p.parse_known_args(argv)[0].protocol])
     args = p.parse_args(argv)
     _, device, dtype = setup(args.dtype)
@@ -378,7 +378,8 @@ def main(argv=None):
                    scoring=args.scoring, max_new_tokens=args.max_new_tokens,
                    repetition_penalty=args.repetition_penalty, style=args.style, facts_file=args.facts_file,
                    facts_replacement=args.facts_replacement, canvas_size=args.canvas_size, workers=args.workers,
-                   shortcuts=args.shortcuts == "on")
+                   shortcuts=args.shortcuts == "on", attack=A.settings(args.attack_eps, args.attack_steps,
+                                                                       args.attack_alpha))
     except (RunError, perturb.DataError, FileNotFoundError, NotADirectoryError) as e:  # written for people
         sys.exit(f"error: {e}")
     if rows is not None:

@@ -79,21 +79,42 @@ def consistency(logits_orig, logits_pert, kind="js", tau=1.0, mask=None, reducti
     return per_token.sum() if reduction == "sum" else per_token.sum() / max(per_token.numel(), 1)
 
 
-def pgd(loss_fn, embeds, mask, eps=1e-3, alpha=0.1, steps=2, sign=False, generator=None, noise=None):
+# PGD's step from the gradient g w.r.t. delta: eq. 7's raw g (the authors' too; docs/training.md: it barely moves
+# delta), its sign (L-inf PGD's usual step) or g over its L2 norm per row (FreeLB's): both move by alpha at any scale
+STEPS = {"raw": lambda g: g, "sign": torch.sign,
+         "l2": lambda g: g / g.flatten(1).norm(dim=1).clamp(min=1e-30)[:, None, None]}
+
+
+def radius(embeds, mask, eps, scale="none"):
+    """eps, or with scale "std" eps times each row's std over its perturbed embeddings (B, 1, 1): one eps is then the
+    same share of a text row's scale (~0.02 at init) and an image row's (~0.3)."""
+    if scale == "none":
+        return eps
+    m = mask[..., None].to(embeds.dtype)
+    n = (m.sum((1, 2)) * embeds.shape[-1]).clamp(min=1)
+    mean = (embeds * m).sum((1, 2)) / n
+    return eps * (((embeds - mean[:, None, None]) ** 2 * m).sum((1, 2)) / n).sqrt()[:, None, None]
+
+
+def pgd(loss_fn, embeds, mask, eps=1e-3, alpha=0.1, steps=2, rule="raw", generator=None, noise=None, stats=None):
     """Masked L-inf PGD in embedding space; returns delta (B, L, D), |delta| <= eps, 0 where mask is False.
     loss_fn(delta) -> scalar to maximise; it should add delta to DETACHED embeddings, so that the
     attack neither frees nor extends the graph of the clean pass. Only delta gets a gradient
-    (torch.autograd.grad), so parameter .grad fields are left as they were. noise: the standard normal
-    draw behind the init, if the caller wants it per sample (default: drawn here from `generator`)."""
+    (torch.autograd.grad), so parameter .grad fields are left as they were. rule: a row of STEPS. eps: a number or
+    (B, 1, 1) (radius()). noise: the standard normal draw behind the init, if the caller wants it per sample
+    (default: drawn here from `generator`). stats: a dict that gets "pgd_move", how far the steps moved delta
+    from its start, as a share of eps (mean over the perturbed elements; 1: from the centre to the ball's edge)."""
     m = mask[..., None].to(embeds.dtype)                                          # (B, L, 1)
     if noise is None:
         noise = torch.randn(embeds.shape, generator=generator, device=embeds.device, dtype=embeds.dtype)
-    delta = (noise * eps).clamp(-eps, eps) * m                                    # init N(0, eps^2), projected
+    start = delta = torch.clamp(noise * eps, -eps, eps) * m                       # init N(0, eps^2), projected
     for _ in range(steps):
         delta.requires_grad_(True)
         (grad,) = torch.autograd.grad(loss_fn(delta), delta)
-        step = grad.sign() if sign else grad
-        delta = ((delta.detach() + alpha * step).clamp(-eps, eps) * m).detach()  # eq. (7)
+        delta = (torch.clamp(delta.detach() + alpha * STEPS[rule](grad), -eps, eps) * m).detach()  # eq. (7)
+    if stats is not None:
+        moved = (delta - start).abs() / torch.as_tensor(eps, dtype=embeds.dtype).clamp(min=1e-30) * m
+        stats.setdefault("pgd_move", []).append(float(moved.sum() / (m.sum() * embeds.shape[-1]).clamp(min=1)))
     return delta
 
 

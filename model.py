@@ -154,16 +154,18 @@ def where(name_or_path):
 
 def adapter_base(path):
     """The model a PEFT adapter folder (adapter_config.json: train.py --lora's output) was trained on, resolved
-    by where(); None for a model folder or a hub id."""
+    by where() and as it was then (checkpoint.check_base); None for a model folder or a hub id."""
     file = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(file):
         return None
     with open(file, encoding="utf-8") as f:
         base = json.load(f).get("base_model_name_or_path")
     try:
-        return where(base or "")
+        base = where(base or "")
     except (FileNotFoundError, NotADirectoryError) as e:  # a base moved since, or an adapter from elsewhere
         raise type(e)(f"{file}: base_model_name_or_path {e}") from None
+    import checkpoint  # (here: it imports this file) a base rebuilt or retrained since the export is refused
+    return checkpoint.check_base(path, base)
 
 
 def identity(name_or_path):
@@ -272,9 +274,13 @@ def lora_config(model, r, alpha, dropout, targets=LORA_TARGETS):
     """PEFT's LoraConfig for train.py --lora: adapters on the `targets` projections (q_proj, ...) of the language
     model's blocks alone (the pattern's prefix: never the vision tower's or the Q-Former's, some of which share those
     names), the projector trained in full (modules_to_save: saved in the adapter, restored by PeftModel)."""
-    return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                           target_modules=r"(model\.)?language_model\..*\.(" + "|".join(map(re.escape, targets)) + ")",
+    return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_pattern(targets),
                            modules_to_save=[FAMILIES[family(model)]["projector"]])
+
+
+def lora_pattern(targets):
+    """The module names (PEFT matches them whole) of the language model's `targets` projections."""
+    return r"(model\.)?language_model\..*\.(" + "|".join(map(re.escape, targets)) + ")"
 
 
 def add_lora(model, name_or_path, r, alpha, dropout, targets, dtype):

@@ -24,6 +24,23 @@ PAPER = {m: dict(model=m, **row, twins="all", facts_replacement=True, canvas_siz
          for m, row in PAPER.items()}
 
 
+FAMILY = {"llava-1.5-7b": "llava", "instructblip-vicuna-7b": "instructblip", "qwen2.5-vl-3b": "qwen2.5-vl",
+          "qwen2.5-vl-7b": "qwen2.5-vl"}  # the model.FAMILIES row of each, which a --model must share
+
+
+def applied(args):
+    """train.py's start line on --paper-defaults: the settings of its row the run kept, those a flag given explicitly
+    (or the preset) overrode, and a word where --model is not the model they were written for."""
+    if not args.paper_defaults:
+        return ""
+    row = {k: v for k, v in PAPER[args.paper_defaults].items() if k != "model"}
+    kept = {k: v for k, v in row.items() if getattr(args, k) == v}
+    other = [k for k in row if k not in kept]
+    return (f"; --paper-defaults {args.paper_defaults} set {flags(kept)}"
+            + (f", overridden: {flags({k: getattr(args, k) for k in other})}" if other else "")
+            + ("" if args.model == args.paper_defaults else f" (written for {args.paper_defaults}, not {args.model})"))
+
+
 def flags(row):
     """A row of PAPER as the flags it stands for, as train.py --help prints them."""
     def flag(k, v):

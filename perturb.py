@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 # the sample file's names, importable from here as before (docs/format.md: perturb.load_samples)
+import samples as S
 from samples import LETTERS, TASKS, DataError, load_samples, to_rgb  # noqa: F401
 
 FACTS_FILE = Path(__file__).parent / "data" / "unrelated_facts.txt"
@@ -120,16 +121,31 @@ def interventions_for(task):
     return [name for name, row in INTERVENTIONS.items() if task in row.tasks]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
 def ri_pool(samples=None, folder=None):
-    paths = {str(Path(s["image"]).resolve()) for s in samples or () if s["task"] == "image_heavy"}
-    if folder is not None:
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(f"{folder}: no such folder (pass a folder of images for ri)")
-        paths |= {str(p.resolve()) for p in Path(folder).rglob("*")
-                  if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp") and p.is_file()}
+    """The real images RI draws from: those under `folder` (--ri-folder: they replace the data's), or else the
+    image-heavy images of `samples` (which load_samples decoded). A folder's images are decoded here, so a bad one
+    stops a run before a model loads, with its path."""
+    if folder is None:
+        paths = {str(Path(s["image"]).resolve()) for s in samples or () if s["task"] == "image_heavy"}
+        if not paths:
+            raise DataError("ri: no image-heavy images in the data (pass a folder of images, --ri-folder)")
+        return sorted(paths)
+    if not Path(folder).is_dir():
+        raise DataError(f"{folder}: no such folder (--ri-folder takes a folder of images)")
+    paths = sorted({str(p.resolve()) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                    and p.is_file()})
     if not paths:
-        raise ValueError("ri_pool found no images (pass samples with image_heavy images or a folder of images)")
-    return sorted(paths)
+        raise DataError(f"{folder}: no images ({' '.join(IMAGE_SUFFIXES)}) in it (--ri-folder takes a folder of "
+                        f"images)")
+    bad = S.undecodable(paths)
+    if bad:
+        more = f"; {len(bad) - 1} more are bad" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0][0]}: an image of --ri-folder {folder} cannot be decoded: {bad[0][1]}{more} "
+                        f"(replace it or remove it from the folder)")
+    return paths
 
 
 def _new(sample, **changes):
@@ -239,6 +255,30 @@ INTERVENTIONS = {"orig": Intervention(_orig, TASKS, False, None),
                  "fb": Intervention(functools.partial(_canvas, value=0), ("text_heavy",), True, None),
                  "fw": Intervention(functools.partial(_canvas, value=255), ("text_heavy",), True, None)}
 APPLIES = {name: row.tasks for name, row in INTERVENTIONS.items()}  # the tasks column, as evaluate/diagnose read it
+
+# evaluate.py --attack-eps (attack.py): worst-case rows named by their L-inf radius, "attack@0.01" (:g), on the
+# tasks that have a task-irrelevant modality. diagnose.py reads them as interventions by the three rules below.
+ATTACK, ATTACKED = "attack@", ("image_heavy", "text_heavy")
+
+
+def attack_radius(name):
+    """The radius an attack row's name spells ("attack@0.01" -> 0.01), or None for any other name: a radius that
+    is not positive, or not written as f"{eps:g}" (one radius, one name)."""
+    try:
+        eps = float(name[len(ATTACK):]) if name.startswith(ATTACK) else None
+    except ValueError:
+        return None
+    return eps if eps is not None and eps > 0 and f"{ATTACK}{eps:g}" == name else None
+
+
+def applies(name):
+    """The tasks an intervention or attack name applies to (none for an unknown name)."""
+    return APPLIES.get(name) or (ATTACKED if attack_radius(name) is not None else ())
+
+
+def ordered(names):
+    """Intervention names in evaluate's order: APPLIES's, then the attacks by radius; unknown names left out."""
+    return [n for n in APPLIES if n in names] + sorted((n for n in set(names) if attack_radius(n)), key=attack_radius)
 
 
 def twins():

@@ -36,7 +36,7 @@ class Profile:
         self.new_step()
 
     def new_step(self):
-        self.phases, self.mark = {}, 0.0
+        self.phases, self.mark, self.notes = {}, 0.0, {}
         self.shortcut = {"covered": 0, "whole": 0, "final": False}
         if self.on and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -52,10 +52,16 @@ class Profile:
                 self.phases[name] = self.phases.get(name, 0.0) + now - self.mark
             self.mark = now
 
+    def note(self, name, value):
+        """A number of this micro-batch for metrics.jsonl (its step records the mean over micro-batches)."""
+        self.notes.setdefault(name, []).append(float(value))
+
     def record(self):
-        """What metrics.jsonl gets of this step: nothing when off."""
+        """What metrics.jsonl gets of this step: the notes' means over its micro-batches (this rank's: losses.pgd's
+        pgd_move, train.losses_of's adv_over_clean), and with --profile on, the phases and peak memory."""
+        notes = {k: sum(v) / len(v) for k, v in self.notes.items()}
         if not self.on:
-            return {}
+            return notes
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # on CPU the peak resident size (Linux: KiB)
-        return {"phases": self.phases, "peak_mem": peak, "shortcut": self.shortcut}
+        return {**notes, "phases": self.phases, "peak_mem": peak, "shortcut": self.shortcut}

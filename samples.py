@@ -58,16 +58,23 @@ def load_samples(path, *, image_root=None, decode=False):
 
 
 def _decode_all(path, images):
-    """images: {path: (line, id)} of each distinct image. PIL releases the GIL while it decodes, so
-    threads share the work; every image is tried, so the error can say how many more are bad."""
-    workers = min(16, os.cpu_count() or 1) if len(images) > 32 else 1
-    with ThreadPoolExecutor(workers) as pool:
-        bad = [(where, why) for where, why in zip(images.values(), pool.map(unreadable, images)) if why]
+    """images: {path: (line, id)} of each distinct image; every one is tried, so the error can say how many more
+    are bad."""
+    bad = undecodable(images)
     if bad:
-        (lineno, sid), why = bad[0]
+        image, why = bad[0]
+        lineno, sid = images[image]
         more = f"; {len(bad) - 1} more images are bad" if len(bad) > 1 else ""
-        raise DataError(f"{path}:{lineno}: the image of sample {sid!r} cannot be decoded: {why}{more} "
+        raise DataError(f"{path}:{lineno}: the image {image} of sample {sid!r} cannot be decoded: {why}{more} "
                         f"(replace the image or drop the sample)")
+
+
+def undecodable(paths):
+    """[(path, why)] of the images PIL cannot fully decode, in the order given. PIL releases the GIL while it
+    decodes, so threads share the work."""
+    paths = list(paths)
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1) if len(paths) > 32 else 1) as pool:
+        return [(image, why) for image, why in zip(paths, pool.map(unreadable, paths)) if why]
 
 
 def sha256(path):

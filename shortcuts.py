@@ -92,8 +92,9 @@ def loss_parts(step_model, batch, step, totals, args, prof=Profile()):
                 loss = loss + weight * losses.sft_loss(out, part["labels"][:, keep_ + 1], "sum", shift=False)
             return loss / totals[1]
 
-        delta = losses.pgd(attacked, base, sub_mask, args.eps, args.alpha, args.pgd_steps, args.pgd_sign,
-                           noise=noise)
+        eps = losses.radius(base, sub_mask, args.eps, args.eps_scale)
+        delta = losses.pgd(attacked, base, sub_mask, eps, args.alpha, args.pgd_steps, args.pgd_step, noise=noise,
+                           stats=prof.notes)
         prof.lap(f"pgd{args.pgd_steps}")
     else:
         delta = losses.gaussian_noise(base, sub_mask, args.sigma, noise=noise)

@@ -141,7 +141,7 @@ def test_pgd_step_is_equation_7_and_respects_eps_and_mask():
     assert delta.abs().max() <= eps and (delta[~mask] == 0).all()
     many = losses.pgd(lambda d: (w * d).sum(), embeds, mask, eps=eps, alpha=100.0, steps=2)
     assert torch.allclose(many[mask], eps * w[mask].sign())  # a linear loss is maximised at the corner
-    signed = losses.pgd(lambda d: (w * d).sum(), embeds, mask, eps=eps, alpha=0.01, steps=1, sign=True,
+    signed = losses.pgd(lambda d: (w * d).sum(), embeds, mask, eps=eps, alpha=0.01, steps=1, rule="sign",
                         generator=torch.Generator().manual_seed(3))
     assert torch.allclose(signed, ((init.clamp(-eps, eps) * m + 0.01 * w.sign()).clamp(-eps, eps)) * m)
 
@@ -517,15 +517,28 @@ def test_ri_uses_only_pool_images(tmp_path):
     for name in ("x.PNG", "deep/y.jpg", "deep/z.webp"):
         _image(extra / name)
     (extra / "notes.txt").write_text("not an image")
-    pool = perturb.ri_pool(samples, folder=str(extra))
-    assert pool == sorted(pool) and len(pool) == 4 and all(os.path.isabs(p) for p in pool)
-    assert not any(p.endswith(".txt") for p in pool)
+    pool = perturb.ri_pool(samples, folder=str(extra))  # the folder's images replace the data's
+    assert pool == sorted(str(p.resolve()) for p in (extra / "x.PNG", extra / "deep/y.jpg", extra / "deep/z.webp"))
     picked = {perturb.perturb(samples[2], "ri", seed, ri_images=pool)["image"] for seed in range(60)}
     assert picked == set(pool)
     with pytest.raises(ValueError, match="ri_images"):
         perturb.perturb(samples[2], "ri", 0)
     with pytest.raises(ValueError):
         perturb.ri_pool([samples[2]])
+
+
+def test_ri_folder_missing_empty_or_with_a_broken_image_is_refused_naming_it(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'none'}: no such folder"):
+        perturb.ri_pool(folder=str(tmp_path / "none"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="empty: no images"):
+        perturb.ri_pool(folder=str(tmp_path / "empty"))
+    _image(tmp_path / "ri" / "good.png")
+    png = (tmp_path / "ri" / "good.png").read_bytes()
+    (tmp_path / "ri" / "cut.png").write_bytes(png[:len(png) // 2])  # a PNG cut in its data
+    with pytest.raises(DataError, match=f"^{tmp_path / 'ri' / 'cut.png'}: an image of --ri-folder .* cannot be decoded"):
+        perturb.ri_pool(folder=str(tmp_path / "ri"))
 
 
 def test_load_image_handles_paths_pil_images_and_missing_files(tmp_path):
@@ -602,14 +615,15 @@ def test_load_samples_decode_names_the_line_and_sample_of_a_bad_image(tmp_path):
     for name in ("cut.png", "junk.png", "bomb.png"):
         path = _write(tmp_path, [rows[0], rows[2], {**rows[1], "id": "bad", "image": f"images/{name}"}])
         assert len(perturb.load_samples(path)) == 3  # without decode only paths are checked
-        with pytest.raises(DataError, match=rf"^{re.escape(path)}:3: the image of sample 'bad' cannot be decoded"):
+        image = re.escape(str((tmp_path / "images" / name).resolve()))
+        with pytest.raises(DataError, match=rf"^{re.escape(path)}:3: the image {image} of sample 'bad' cannot be decoded"):
             perturb.load_samples(path, decode=True)
         assert S.unreadable(tmp_path / "images" / name)  # the converters' check too (data/common.py)
         with pytest.raises(DataError, match=name):
             perturb.load_image({"id": "bad", "image": str(tmp_path / "images" / name)})
     many = [{**rows[1], "id": f"ok-{i}", "image": str(_image(tmp_path / "many" / f"{i}.png"))} for i in range(40)]
     (tmp_path / "many" / "7.png").write_bytes(b"junk")  # enough images for the thread pool
-    with pytest.raises(DataError, match=r":8: the image of sample 'ok-7' .*\(replace the image"):
+    with pytest.raises(DataError, match=r":8: the image .*7.png of sample 'ok-7' .*\(replace the image"):
         perturb.load_samples(_write(tmp_path, many), decode=True)
 
 
@@ -735,7 +749,7 @@ def test_pgd_on_a_tiny_model_raises_the_loss_and_leaves_parameter_grads(tiny):
     def loss_fn(delta):
         return losses.sft_loss(M.logits(m, base + delta, batch), batch["labels"])
     before = {n: None if q.grad is None else q.grad.clone() for n, q in m.named_parameters()}
-    delta = losses.pgd(loss_fn, base, mask, eps=0.5, alpha=50.0, steps=3, sign=False)
+    delta = losses.pgd(loss_fn, base, mask, eps=0.5, alpha=50.0, steps=3, rule="raw")
     assert all(q.grad is None for q in m.parameters()) and all(v is None for v in before.values())
     assert delta.abs().max() <= 0.5 and (delta[~mask] == 0).all() and delta[mask].abs().sum() > 0
     with torch.no_grad():
@@ -898,21 +912,23 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def test_diagnose_circular_accuracy_needs_every_pass_of_a_question_right(tmp_path):
+def test_diagnose_circular_accuracy_needs_every_pass_of_a_question_right_and_counts_whole_questions_only(tmp_path):
     import diagnose
     passes = [("q0", "p0", 1, 1), ("q0", "p1", 0, 0), ("q0", "p2", 2, 2),   # all right
-              ("q1", "p3", 0, 0), ("q1", "p4", 1, 0),                        # one pass wrong
-              ("q2", "p5", 1, 1)]                                            # one pass, right
+              ("q1", "p3", 0, 0), ("q1", "p4", 1, 0), ("q1", "p6", 2, 2),   # one pass wrong
+              ("q2", "p5", 1, 1)]                                            # 1 of its 3 passes, right: left out
     rows = [dict(_pred(pid, "vqa", "mmbench", "orig", [0.8 if j == pred else 0.1 for j in range(3)], pred, ans),
                  question_id=qid) for qid, pid, pred, ans in passes]
     rows += _handmade()
     path = tmp_path / "predictions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = diagnose.diagnose(str(path), n_boot=50)
-    assert got["mmbench"]["orig"]["acc"] == pytest.approx(5 / 6)
-    assert got["mmbench"]["orig"]["circular_acc"] == pytest.approx(2 / 3)  # q0 and q2 of q0, q1, q2
+    assert got["mmbench"]["orig"]["acc"] == pytest.approx(6 / 7)
+    assert got["mmbench"]["orig"]["circular_acc"] == pytest.approx(1 / 2)  # q0 of the whole q0, q1 (not 2/3 with q2)
+    assert got["mmbench"]["orig"]["circular_incomplete"] == 1
     assert "circular_acc" not in got["cls"]["orig"] and "circular_acc" not in got["qa"]["fb"]
-    assert "| mmbench | orig | 6 | 83.3 | 0.000 | [0.000, 0.000] | 0.000 | 66.7 |" in diagnose.table(got)
+    assert ("| mmbench | orig | 7 | 85.7 | 0.000 | [0.000, 0.000] | 0.000 | 50.0 (1 incomplete questions left out) |"
+            in diagnose.table(got))
 
 
 @pytest.mark.parametrize("edit, line, message", [

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import checks
 import dataloader
+import losses
 import model as M
 import perturb
 import prompts as P
@@ -250,3 +251,66 @@ def test_md_with_every_option_described_never_prepends_the_answers_description()
     assert used == {0, 1, 3}
     # the length bound train.py checks (--max-length) is a description MD can draw, not the longer answer's
     assert perturb.longest(s, "md")["question"] == facts["1"] + " Which one is it?"
+
+
+# ---- does PGD attack? what metrics.jsonl says of each step's attack, and the step rules a user can pick ----------
+def test_pgd_step_rules_radius_and_move_against_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    embeds, w = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    mask = torch.tensor([[True, True, False, False, False], [False, False, True, True, True]])
+    m = mask[..., None].float()
+    # radius "std": eps times each row's standard deviation over its perturbed elements (population std)
+    stds = torch.tensor([embeds[r][mask[r]].flatten().double().std(unbiased=False).item() for r in range(2)],
+                        dtype=torch.float64)
+    eps = losses.radius(embeds, mask, 0.1, "std")
+    assert eps.shape == (2, 1, 1) and torch.allclose(eps.flatten().double(), 0.1 * stds, atol=1e-7)
+    assert losses.radius(embeds, mask, 0.1) == 0.1
+    noise = torch.randn(2, 5, 4, generator=g)
+    start = torch.max(torch.min(noise * eps, eps), -eps) * m
+    for rule, direction in (("raw", w), ("sign", w.sign()),
+                            ("l2", w / w.flatten(1).norm(dim=1)[:, None, None])):  # FreeLB's: unit L2 norm per row
+        stats = {}
+        delta = losses.pgd(lambda d: (w * d).sum(), embeds, mask, eps, 0.05, 1, rule, noise=noise, stats=stats)
+        expected = torch.max(torch.min(start + 0.05 * direction, eps), -eps) * m
+        assert torch.allclose(delta, expected, atol=1e-6), rule
+        move = ((delta - start).abs() / eps * m).sum() / (mask.sum() * 4)  # as a share of each row's radius
+        assert stats["pgd_move"] == [pytest.approx(move.item(), rel=1e-5)]
+
+
+def test_metrics_say_how_far_pgd_moved_delta_and_how_much_it_raised_the_loss(toy):  # noqa: F811
+    from profiling import Profile
+    moves = {}
+    for rule in ("raw", "sign"):
+        args, step_model, batch = _setup(toy, "--preset", "ours", "--pgd-step", rule, "--eps", "0.05")
+        totals, prof = train.token_counts(batch, step_model.model.config.image_token_id, args), Profile()
+        _, adv_loss, _ = train.loss_parts(step_model, batch, 0, totals, args, prof)
+        image_mask = batch["input_ids"] == step_model.model.config.image_token_id
+        adv = train.adversarial_rows(train.perturbable(batch, image_mask, args.pgd_scope), args.adv)
+        with torch.no_grad():  # the same rows, clean: their answer tokens' summed cross-entropy
+            embeds, _ = M.embed(step_model.model, batch)
+            logits = M.logits(step_model.model, embeds, batch)[adv, :-1]
+            labels = batch["labels"][adv, 1:]
+            clean = F.cross_entropy(logits.flatten(0, 1).double(), labels.flatten(), ignore_index=-100, reduction="sum")
+        assert prof.notes["adv_over_clean"] == [pytest.approx((adv_loss * totals[1] / clean).item(), rel=1e-4)]
+        assert len(prof.notes["pgd_move"]) == 1 and 0 <= prof.notes["pgd_move"][0] <= 2
+        moves[rule] = prof.notes["pgd_move"][0]
+    assert moves["sign"] > 10 * moves["raw"]  # the sign moves delta by alpha x eps-units; eq. 7's raw gradient barely
+
+
+def test_a_checkpoint_of_the_pgd_sign_flag_resumes_as_pgd_step_sign(toy, tmp_path, monkeypatch):  # noqa: F811
+    import json
+    import shutil
+    data, models = toy
+    run = ["--model", models["llava"], "--data", data, "--out", str(tmp_path / "run"), "--batch-size", "4",
+           "--max-steps", "2", "--save-every", "1", "--no-export"]
+    _train(run + ["--pgd-sign"], monkeypatch)
+    whole = _metrics(str(tmp_path / "run"))
+    shutil.rmtree(tmp_path / "run" / "ckpt-00000002")
+    state = tmp_path / "run" / "ckpt-00000001" / "state.json"
+    saved = json.loads(state.read_text())
+    assert saved["args"].pop("pgd_step") == "sign"
+    state.write_text(json.dumps(dict(saved, args=dict(saved["args"], pgd_sign=True))))  # as written before the rename
+    with pytest.raises(SystemExit, match="--pgd-step sign then, raw now"):
+        _train(run + ["--resume"], monkeypatch)
+    _train(run + ["--resume", "--pgd-sign"], monkeypatch)
+    assert _metrics(str(tmp_path / "run"))[1]["loss"] == whole[1]["loss"]  # resumed exactly

@@ -162,7 +162,7 @@ def test_protocol_authors_sets_their_flags_and_the_facts_file_and_canvas_reach_t
     made, real = [], perturb.perturb
     monkeypatch.setattr(perturb, "perturb", lambda *a, **kw: made.append((a[1], kw["size"], real(*a, **kw))) or made[-1][2])
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match="facts.txt: 2 facts, fewer than --k-facts 3"):  # no replacement: too few
+    with pytest.raises(SystemExit, match=r"error: --k-facts 3: UF prepends 1 to 2 facts \(.*facts.txt; more with"):
         evaluate.main(["--model", folder, "--data", data, "--out", str(out), "--facts-file", str(facts),
                        "--k-facts", "3"])
     evaluate.main(["--model", folder, "--data", data, "--out", str(out), "--protocol", "authors", "--score", "logits",

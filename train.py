@@ -28,7 +28,7 @@ import dataloader
 import losses
 import model as M
 import prompts as P
-from paper import PAPER, epilog
+from paper import PAPER, applied, epilog
 from profiling import Profile, progress
 
 PRESETS = {  # the rows of the paper's ablation (Table 5); flags given explicitly win
@@ -69,7 +69,7 @@ def parse(argv=None):
     arg("--k-facts", type=int, default=10, help="unrelated facts prepended by UF")
     arg("--facts-file", help="UF's facts, one a line (default: the train pool of data/unrelated_facts.txt)")
     arg("--facts-replacement", action="store_true", help="draw UF's facts with replacement (the authors')")
-    arg("--ri-folder", help="real images for RI twins (default: the data's image-heavy images)")
+    arg("--ri-folder", help="real images for RI twins, instead of the data's image-heavy images")
     arg("--canvas-size", type=int, help="side of FB/FW canvases and random pixels (default: the model's input size)")
     arg("--max-length", type=int, default=2048, help="a longer sample is an error, never truncated")
     arg("--prompt", choices=P.STYLES, default="ours", help="prompt and answer style (prompts.PROMPTS)")
@@ -81,7 +81,9 @@ def parse(argv=None):
     arg("--eps", type=float, help="PGD L-inf radius (default 1e-3; 1e-4 for 13B models)")
     arg("--alpha", type=float, default=0.1, help="PGD step size (eq. 7)")
     arg("--pgd-steps", type=int, default=2)
-    arg("--pgd-sign", action="store_true", help="sign-gradient steps instead of eq. 7's raw gradient")
+    arg("--pgd-step", choices=list(losses.STEPS), default="raw", help="eq. 7's raw gradient, its sign, or L2-normalised")
+    arg("--pgd-sign", dest="pgd_step", action="store_const", const="sign", help="--pgd-step sign")
+    arg("--eps-scale", choices=["none", "std"], default="none", help="std: eps x each row's embedding std")
     arg("--pgd-scope", choices=["sample", "template"], default="sample",
         help="PGD on an image-heavy row's own text, or on all its non-answer text (the authors')")
     arg("--shortcuts", choices=["on", "off"], default="on", help="exact shortcuts (shortcuts.py): same numbers")
@@ -144,9 +146,8 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def all_sum(t):
-    dist.all_reduce(t)
-    return t
+def all_sum(t):  # summed over the ranks, in place (all_reduce returns None)
+    return dist.all_reduce(t) or t
 
 
 # ---- the model: frozen vision encoder, FSDP2 per layer, then the root -------------------------------------
@@ -255,8 +256,10 @@ def losses_of(batch, logits, targets, adv, totals, args, prof=Profile()):
     """L_sft, L_adv and L_cons (eq. 9 over consistency_pairs) from the final pass's logits [clean; adversarial]."""
     n = len(batch["labels"])
     sft = losses.sft_loss(logits[:n], targets[:n], "sum", shift=False) / totals[0].clamp(min=1)
-    adv_loss = losses.sft_loss(logits[n:], targets[n:], "sum", shift=False) / totals[1].clamp(min=1) if adv \
-        else logits.sum() * 0
+    adv_sum = losses.sft_loss(logits[n:], targets[n:], "sum", shift=False) if adv else logits.sum() * 0
+    adv_loss = adv_sum / totals[1].clamp(min=1)
+    if adv:  # what the attack did, in metrics.jsonl: the adversarial rows' loss over the same rows' clean loss
+        prof.note("adv_over_clean", adv_sum / losses.sft_loss(logits[adv].detach(), targets[adv], "sum", shift=False))
     cons = logits.sum() * 0
     if args.cons != "none" and batch["pairs"]:
         answer, answer_mask = losses.answer_logits(logits, targets, shift=False)
@@ -295,8 +298,9 @@ def loss_parts(step_model, batch, step, totals, args, prof=Profile()):
                 out = step_model(sub, base + d, keep_)
                 return losses.sft_loss(out, sub["labels"][:, keep_ + 1], "sum", shift=False) / totals[1]
 
-            d = losses.pgd(attacked, base, mask[attack], args.eps, args.alpha, args.pgd_steps, args.pgd_sign,
-                           noise=noise)
+            eps = losses.radius(base, mask[attack], args.eps, args.eps_scale)
+            d = losses.pgd(attacked, base, mask[attack], eps, args.alpha, args.pgd_steps, args.pgd_step, noise=noise,
+                           stats=prof.notes)
             prof.lap(f"pgd{args.pgd_steps}")
         else:  # RG: random Gaussian noise on the same positions, the paper's baseline for PGD
             d = losses.gaussian_noise(base, mask[attack], args.sigma, noise=noise)
@@ -309,9 +313,10 @@ def loss_parts(step_model, batch, step, totals, args, prof=Profile()):
 
 # ---- optimisation ------------------------------------------------------------------------------------
 def adamw(args, trainable):  # no weight decay on biases and norms, as the Hugging Face Trainer does
+    fused = all(q.device.type in ("cpu", "cuda") for _, q in trainable) or None  # else torch's default (performance.md)
     return torch.optim.AdamW([{"params": [q for _, q in trainable if q.ndim >= 2], "weight_decay": args.weight_decay},
                               {"params": [q for _, q in trainable if q.ndim < 2], "weight_decay": 0.0}],
-                             lr=args.lr, eps=args.adam_eps)
+                             lr=args.lr, eps=args.adam_eps, fused=fused)
 
 
 def get_lr(args, step, max_steps):
@@ -327,24 +332,21 @@ def get_lr(args, step, max_steps):
 def main(argv=None):
     args = parse(argv)
     facts, problem = checks.facts(args)
-    problem = checks.flags(args) or problem or checks.out_folder(args) or checks.model_name(args)
-    if problem:
-        sys.exit(problem)
-    replacing, old_export = args.overwrite and not args.resume, checkpoint.exported(args.out)
+    problem = checks.flags(args) or problem
+    problem = problem or checkpoint.hold(args.out) or checks.out_folder(args) or checks.model_name(args)
+    if problem:  # (hold: rank 0 holds --out, OUT/.lock, until the run ends; a second run into it is refused)
+        sys.exit(checkpoint.release(args.out) or problem)
 
     device, rank, world = setup()
     master = rank == 0
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed)  # the same initial state everywhere; per-sample noise is seeded by sample id
 
-    def log(*a):  # rank 0 speaks for all
-        print(*a, flush=True) if master else None
-
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)  # rank 0 speaks for all
     paths, samples, file_of = dataloader.read(args)  # bad files fail here, before any model is loaded
     schedule = dataloader.Schedule(args, samples, world, paths)
     ri_images, max_steps = dataloader.ri_images(args, samples, schedule), schedule.max_steps
-    twins = ('+ twins' if args.twins == 'one' else '+ every twin of each') if args.aug else 'no twins'
-    log(f"{len(samples)} samples from {len(paths)} files; {schedule.summary(twins)}; {max_steps} steps "
+    log(f"{len(samples)} samples from {len(paths)} files; {schedule.summary(args)}; {max_steps} steps "
         f"({schedule.steps_per_epoch}/epoch, --epoch-end {args.epoch_end})")
 
     def agreed(decide):  # rank 0 decides (reading the files once), every rank acts on it
@@ -358,7 +360,7 @@ def main(argv=None):
     resume_from, problem = (None, problem) if problem or not args.resume else \
         agreed(lambda: checkpoint.resume_point(args, inputs))
     if problem:
-        sys.exit(problem if master else 1)  # once, not once per rank
+        sys.exit(checkpoint.release(args.out) or problem if master else 1)  # once, not once per rank
 
     hf_model, peft_model, processor, step_model, offload = build(args, device, dtype, master)
     size = args.canvas_size or P.image_size(processor)  # canvases and random pixels: the encoder's input size
@@ -366,22 +368,21 @@ def main(argv=None):
     optimizer = adamw(args, trainable)
     log(f"{sum(q.numel() for q in hf_model.parameters()) / 1e6:.1f}M parameters, "
         f"{sum(q.numel() for _, q in trainable) / 1e6:.1f}M trained; FSDP2 over {world} rank{'s' if world > 1 else ''} "
-        f"on {device}, {dtype}{', CPU offload' if offload else ''}; preset {args.preset}"
+        f"on {device}, {dtype}{', CPU offload' if offload else ''}; preset {args.preset}{applied(args)}"
         + (f"; LoRA r {args.lora}, alpha {args.lora_alpha:g} on {' '.join(args.lora_targets)}" if args.lora else ""))
     batches = dataloader.Batches(args, schedule, processor, size, facts, ri_images, rank, world)
     start = 0
     if resume_from:
         start = checkpoint.load(resume_from, step_model, optimizer)
         log(f"resumed from {resume_from} at step {start}")
-    metrics_path = checkpoint.start(args, start, replacing) if master else None
+    metrics_path = checkpoint.start(args, start) if master else None
 
     # ---- the loop -------------------------------------------------------------------------------------------
     import shortcuts  # (here: it imports this file) the same numbers as loss_parts, with less work
     parts_of = shortcuts.loss_parts if args.shortcuts == "on" and args.pgd_scope == "sample" else loss_parts
     prof = Profile(args.profile, device)
-    # A step's batches depend on (seed, step) and the data alone, so --workers processes make the next ones, in order,
-    # from the resume point on, while a step trains: forked after CUDA started, as DataLoader's are on Linux (Batches
-    # touches neither CUDA nor the model), with a generator of their own, not the RNG state checkpoints restore.
+    # A step's batches depend on (seed, step) and the data alone, so --workers processes make the next ones while a step
+    # trains: forked as DataLoader's are on Linux (Batches touches neither CUDA nor the model), their own generator.
     workers = args.workers if args.workers is not None else 2 * (device.type == "cuda")
     data = iter(torch.utils.data.DataLoader(range(start, max_steps), batch_size=None, collate_fn=batches,
                                             num_workers=workers, multiprocessing_context="fork" if workers else None,
@@ -436,11 +437,10 @@ def main(argv=None):
     del data  # its workers end here, not with the process
 
     # ---- export: a Hugging Face folder that plain transformers loads (a LoRA run: its adapter) ---------------
-    full = {}
-    if args.export:
-        full = checkpoint.export(args, step_model, hf_model, peft_model, processor, replacing, old_export)
-        log(f"wrote {args.out}")
+    full = checkpoint.export(args, step_model, hf_model, peft_model, processor) if args.export else {}
+    log(f"wrote {args.out}") if args.export else None
     dist.barrier()
+    checkpoint.release(args.out)
     dist.destroy_process_group()
     return dict(args=args, batches=batches, hf_model=hf_model, step_model=step_model, trainable=trainable,
                 optimizer=optimizer, full=full, schedule=schedule)
