@@ -114,7 +114,7 @@ def pgd(loss_fn, embeds, mask, eps=1e-3, alpha=0.1, steps=2, rule="raw", generat
         delta = (torch.clamp(delta.detach() + alpha * STEPS[rule](grad), -eps, eps) * m).detach()  # eq. (7)
     if stats is not None:
         moved = (delta - start).abs() / torch.as_tensor(eps, dtype=embeds.dtype).clamp(min=1e-30) * m
-        stats.setdefault("pgd_move", []).append(float(moved.sum() / (m.sum() * embeds.shape[-1]).clamp(min=1)))
+        stats.setdefault("pgd_move", []).append(moved.sum() / (m.sum() * embeds.shape[-1]).clamp(min=1))
     return delta
 
 

@@ -53,13 +53,14 @@ class Profile:
             self.mark = now
 
     def note(self, name, value):
-        """A number of this micro-batch for metrics.jsonl (its step records the mean over micro-batches)."""
-        self.notes.setdefault(name, []).append(float(value))
+        """A number of this micro-batch for metrics.jsonl (its step records the mean over micro-batches). Kept as a
+        tensor until record(): reading it now would make the host wait for the device mid-step."""
+        self.notes.setdefault(name, []).append(value.detach() if torch.is_tensor(value) else value)
 
     def record(self):
         """What metrics.jsonl gets of this step: the notes' means over its micro-batches (this rank's: losses.pgd's
         pgd_move, train.losses_of's adv_over_clean), and with --profile on, the phases and peak memory."""
-        notes = {k: sum(v) / len(v) for k, v in self.notes.items()}
+        notes = {k: float(sum(v) / len(v)) for k, v in self.notes.items()}
         if not self.on:
             return notes
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else \

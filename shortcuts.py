@@ -13,7 +13,6 @@ import losses
 import model as M
 import perturb
 import train as T
-from profiling import Profile
 
 
 def pgd_passes(batch, attack, mask, args, world=1, family=""):
@@ -40,7 +39,7 @@ def pgd_passes(batch, attack, mask, args, world=1, family=""):
     return passes
 
 
-def loss_parts(step_model, batch, step, totals, args, prof=Profile()):
+def loss_parts(step_model, batch, step, totals, args, prof):
     """train.loss_parts with the shortcuts: L_sft, L_adv and L_cons of one micro-batch."""
     hf_model, world = step_model.model, T.world_size()
     keys = step_model.keys

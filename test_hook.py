@@ -11,6 +11,7 @@ import losses
 import model as M
 import prompts as P
 from model import make_tiny
+from profiling import Profile
 
 FAMILIES = ["llava", "qwen2.5-vl", "instructblip"]
 
@@ -162,8 +163,8 @@ def test_bench_runs_both_paths_through_trains_own_step(tiny):
     batch["ids"], batch["pairs"] = [s["id"] for s in _samples()], []
     args = train.parse(["--cons", "none", "--pgd-scope", "template", "--eps", "0.05"])
     totals = train.token_counts(batch, m.config.image_token_id, args)
-    today = train.loss_parts(train.Step(m), batch, 0, totals, args)
-    hook = train.loss_parts(bench.HookStep(m), batch, 0, totals, args)
+    today = train.loss_parts(train.Step(m), batch, 0, totals, args, Profile())
+    hook = train.loss_parts(bench.HookStep(m), batch, 0, totals, args, Profile())
     for a, b in zip(today[:2], hook[:2]):
         assert a.item() == pytest.approx(b.item(), rel=1e-5) and b.item() > 0
     laps = dict.fromkeys(("embed", "pgd", "forward", "backward"), 0.0)

@@ -252,7 +252,7 @@ def token_counts(batch, image_token_id, args):
     return torch.tensor([float(answers.sum()), float(answers[adv].sum()), float(cons)])
 
 
-def losses_of(batch, logits, targets, adv, totals, args, prof=Profile()):
+def losses_of(batch, logits, targets, adv, totals, args, prof):
     """L_sft, L_adv and L_cons (eq. 9 over consistency_pairs) from the final pass's logits [clean; adversarial]."""
     n = len(batch["labels"])
     sft = losses.sft_loss(logits[:n], targets[:n], "sum", shift=False) / totals[0].clamp(min=1)
@@ -270,7 +270,7 @@ def losses_of(batch, logits, targets, adv, totals, args, prof=Profile()):
     return sft, adv_loss, cons
 
 
-def loss_parts(step_model, batch, step, totals, args, prof=Profile()):
+def loss_parts(step_model, batch, step, totals, args, prof):
     """L_sft, L_adv and L_cons of one micro-batch, each a sum over its rows divided by its global count (totals).
     The plain reference path; shortcuts.loss_parts computes the same numbers with less work."""
     keys = step_model.keys
