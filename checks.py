@@ -4,8 +4,6 @@ files is refused before the model loads, in one line. Each check returns that li
 import os
 import re
 
-import torch
-import transformers
 from PIL import Image
 
 import checkpoint
@@ -122,16 +120,13 @@ def model_name(args):
         return (f"error: --paper-defaults {args.paper_defaults} are the authors' settings for that model, and --model "
                 f"{args.model} is a {family} model: pick the defaults of a {family} model, if the table has one, or "
                 f"drop the flag")
-    return lora_targets(args) if args.lora else None
+    return lora_targets(args, family) if args.lora else None
 
 
-def lora_targets(args):
+def lora_targets(args, family):
     """The line refusing --lora-targets of which one matches no module of the model's language model (its
     architecture on the meta device, no weights read), or None: a typo would train adapters on the others alone."""
-    path = M.where(args.model)
-    with torch.device("meta"):
-        config = transformers.AutoConfig.from_pretrained(path)
-        names = [n for n, _ in M.FAMILIES[M.checkpoint_family(path)]["cls"]._from_config(config).named_modules()]
+    names = [n for n, _ in M.architecture(M.where(args.model), M.FAMILIES[family]["cls"]).named_modules()]
     unmatched = [t for t in args.lora_targets if not any(re.fullmatch(M.lora_pattern([t]), n) for n in names)]
     if not unmatched:
         return None

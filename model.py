@@ -230,6 +230,12 @@ def load_processor(name_or_path, generic=False):
     return processor
 
 
+def architecture(path, cls, dtype=None):
+    """cls's model of the checkpoint at `path` on the meta device: its modules and shapes, no weights read."""
+    with torch.device("meta"):
+        return cls._from_config(transformers.AutoConfig.from_pretrained(path), dtype=dtype)
+
+
 def load(name_or_path, dtype=None, device=None, meta=False, generic=False):
     """(model, processor) from a hub id, an alias of ALIASES or a local folder. meta: the architecture
     without weights, on the meta device (train.py's other ranks receive their shards from rank 0).
@@ -242,8 +248,7 @@ def load(name_or_path, dtype=None, device=None, meta=False, generic=False):
         model = load(base, dtype, meta=meta, generic=generic)[0]
         model = model if meta else peft.PeftModel.from_pretrained(model, path).merge_and_unload()
     elif meta:
-        with torch.device("meta"):
-            model = cls._from_config(transformers.AutoConfig.from_pretrained(path), dtype=dtype)
+        model = architecture(path, cls, dtype)
     else:
         model = cls.from_pretrained(path, dtype=dtype)
     model.family = fam
