@@ -112,8 +112,8 @@ def pgd(loss_fn, embeds, mask, eps=1e-3, alpha=0.1, steps=2, rule="raw", generat
         delta.requires_grad_(True)
         (grad,) = torch.autograd.grad(loss_fn(delta), delta)
         delta = (torch.clamp(delta.detach() + alpha * STEPS[rule](grad), -eps, eps) * m).detach()  # eq. (7)
-    if stats is not None:
-        moved = (delta - start).abs() / torch.as_tensor(eps, dtype=embeds.dtype).clamp(min=1e-30) * m
+    if stats is not None:  # start.detach(): start is the tensor the first step set requires_grad on
+        moved = (delta - start.detach()).abs() / torch.as_tensor(eps, dtype=embeds.dtype).clamp(min=1e-30) * m
         stats.setdefault("pgd_move", []).append(moved.sum() / (m.sum() * embeds.shape[-1]).clamp(min=1))
     return delta
 

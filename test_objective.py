@@ -276,6 +276,7 @@ def test_pgd_step_rules_radius_and_move_against_hand_computation():
         assert torch.allclose(delta, expected, atol=1e-6), rule
         move = ((delta - start).abs() / eps * m).sum() / (mask.sum() * 4)  # as a share of each row's radius
         assert [float(v) for v in stats["pgd_move"]] == [pytest.approx(move.item(), rel=1e-5)]
+        assert not stats["pgd_move"][0].requires_grad  # a number for metrics.jsonl, no graph kept alive
 
 
 def test_metrics_say_how_far_pgd_moved_delta_and_how_much_it_raised_the_loss(toy):  # noqa: F811
