@@ -26,14 +26,18 @@ def arguments(p):
                    "(default 10)")
     p.add_argument("--attack-alpha", type=float, help="with --attack-eps: the step size as a share of the radius "
                    "(default 0.25: 8 sign steps cross the ball)")
+    p.add_argument("--attack-scale", choices=["none", "std"], help="with --attack-eps: std makes each radius a share "
+                   "of the row's embedding std over the attacked positions (train.py --eps-scale std; rows "
+                   "'attack@EPSstd'), so that one radius means as much to text as to image tokens")
 
 
-def settings(eps=None, steps=None, alpha=None):
-    """The attack's settings as run.json records them (None: no attack): the radii as their rows' names spell them."""
-    if eps is None and steps is None and alpha is None:
+def settings(eps=None, steps=None, alpha=None, scale=None):
+    """The attack's settings as run.json records them (None: no attack): the radii as their rows' names spell them;
+    scale only when relative (run.json of absolute radii as before)."""
+    if eps is None and steps is None and alpha is None and scale is None:
         return None
     return dict(eps=eps and sorted({float(f"{e:g}") for e in eps}), steps=10 if steps is None else steps,
-                alpha=0.25 if alpha is None else alpha)
+                alpha=0.25 if alpha is None else alpha, **({"scale": scale} if scale not in (None, "none") else {}))
 
 
 def problem(attack, scoring):
@@ -41,17 +45,13 @@ def problem(attack, scoring):
     if not attack:
         return None
     if not attack["eps"]:
-        return "--attack-steps and --attack-alpha are options of --attack-eps, which names the radii"
+        return "--attack-steps, --attack-alpha and --attack-scale are options of --attack-eps, which names the radii"
     if not all(0 < e < math.inf for e in attack["eps"]) or attack["steps"] < 1 or not 0 < attack["alpha"] < math.inf:
         return (f"--attack-eps {' '.join(f'{e:g}' for e in attack['eps'])} --attack-steps {attack['steps']} "
                 f"--attack-alpha {attack['alpha']:g}: radii and step size must be finite, above 0; steps at least 1")
     if scoring != "logits":
         return "--attack-eps needs --score logits: the attack raises the loss of the option letters' logits"
     return None
-
-
-def name(eps):
-    return f"{perturb.ATTACK}{eps:g}"
 
 
 def jobs(jobs, attack):
@@ -62,7 +62,8 @@ def jobs(jobs, attack):
     by = {}
     for s, n in jobs:
         by.setdefault(s["id"], []).append((s, n))
-    out = [j for group in by.values() for j in group + [(group[0][0], name(e)) for e in attack["eps"]
+    names = [perturb.attack_name(e, attack.get("scale", "none")) for e in attack["eps"]]
+    out = [j for group in by.values() for j in group + [(group[0][0], n) for n in names
                                                          if group[0][0]["task"] in perturb.ATTACKED]]
     if len(out) == len(jobs):
         raise RunError("--attack-eps: the data has no image- or text-heavy sample (VQA has no task-irrelevant "
@@ -88,7 +89,7 @@ def sample_mask(processor, samples, batch, style="ours"):
                       for s, ids, n in zip(samples, batch["input_ids"], batch["attention_mask"].sum(1))])
 
 
-def perturbation(model, batch, letters, eps, steps=10, alpha=0.25, noise=None):
+def perturbation(model, batch, letters, eps, steps=10, alpha=0.25, noise=None, scale="none"):
     """The attack on a batch (on the model's device, with tasks, labels and sample_mask): a dict of
     mask (B, L): the positions it may change, train.perturbable's under --pgd-scope sample;
     delta (B, L, D): each row's strongest point of losses.pgd's sign steps (the usual L-inf PGD: eq. 7's raw gradient
@@ -96,7 +97,8 @@ def perturbation(model, batch, letters, eps, steps=10, alpha=0.25, noise=None):
     and probs (B, K): the distributions over each row's option letters (`letters`: its token ids) without and with
     delta, 0 past its options; target (B): the clean argmax,
     whose cross-entropy the attack raises (label-free: it measures the flips delta_cp counts, whatever the
-    answers); loss (B): that cross-entropy at delta. eps: a radius, or one per row; alpha: a share of it.
+    answers); loss (B): that cross-entropy at delta. eps: a radius, or one per row, and with scale "std" a share of each
+    row's std over its masked embeddings (losses.radius); alpha: a share of the radius.
     noise: the standard normal draw of the random start (default: losses.pgd's own)."""
     with torch.no_grad():
         embeds, image_mask = M.embed(model, batch)
@@ -128,6 +130,7 @@ def perturbation(model, batch, letters, eps, steps=10, alpha=0.25, noise=None):
         return loss.sum()
 
     radius = torch.as_tensor(eps, dtype=embeds.dtype, device=embeds.device).reshape(-1, 1, 1)
+    radius = losses.radius(embeds, mask, radius, scale)
     with torch.enable_grad():
         delta = losses.pgd(objective, embeds, mask, radius, alpha * radius, steps, "sign", noise=noise)
     with torch.no_grad():
@@ -153,7 +156,8 @@ def found(model, processor, samples, names, batch, letter_ids, attack, seed=0, s
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     eps = [perturb.attack_radius(n) for n in names]
     out = perturbation(model, batch, [letter_ids[:len(s["options"])] for s in samples], eps, attack["steps"],
-                       attack["alpha"], start(model, batch, [s["id"] for s in samples], names, seed))
+                       attack["alpha"], start(model, batch, [s["id"] for s in samples], names, seed),
+                       attack.get("scale", "none"))
     probs = out["probs"].cpu()
     return [dict(probs=probs[r, :len(s["options"])].tolist(), pred=int(probs[r, :len(s["options"])].argmax()),
                  eps=e) for r, (s, e) in enumerate(zip(samples, eps))]

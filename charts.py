@@ -69,6 +69,12 @@ def attacked(rows):
     return any(perturb.attack_radius(r["intervention"]) for r in rows)
 
 
+def scales(runs):
+    """The radius scales of the runs' attack rows: {"none"} absolute, {"std"} relative (--attack-scale std)."""
+    return {perturb.attack_scale(r["intervention"]) for rows in runs for r in rows
+            if perturb.attack_radius(r["intervention"])}
+
+
 def which(kind, runs):
     """The chart --chart-kind asks for: auto is the curve when some run holds attack rows, the radar otherwise."""
     return kind if kind in ("radar", "curve") else "curve" if any(map(attacked, runs)) else "radar"
@@ -79,6 +85,9 @@ def unfit(paths, runs, kind, relative=False):
     points attack rows, and every run must have some (asked before any diagnosis.json is written)."""
     if relative and which(kind, runs) == "curve":
         return "--relative is an option of the radar chart, and these runs hold attack rows: add --chart-kind radar"
+    if which(kind, runs) == "curve" and len(scales(runs)) > 1:
+        return ("the runs' attack radii are absolute in some rows and relative to the embeddings' std in others "
+                "(evaluate.py --attack-scale std): one axis cannot show both; chart them apart")
     for path, rows in zip(paths, runs):
         if which(kind, runs) == "curve" and not attacked(rows):
             return (f"{path}: no attack rows for the robustness curve (evaluate.py --attack-eps), while other runs "
@@ -98,7 +107,7 @@ def curve_points(runs, summarize):
             for task in TASKS if any(perturb.attack_radius(n) for p in pooled for n in p.get(task, {}))}
 
 
-def curve(path, points, names):
+def curve(path, points, names, scale="none"):
     """delta_cp (its 95% bootstrap interval as error bars) against the attack radius on a log axis: one panel per task
     kind of curve_points, one line per run."""
     from matplotlib.figure import Figure  # only the chart needs matplotlib
@@ -112,7 +121,7 @@ def curve(path, points, names):
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(task.replace("_", "-"))
-        ax.set_xlabel("attack radius (L-inf, input embeddings)")
+        ax.set_xlabel("attack radius (L-inf, input embeddings" + (", x their std)" if scale == "std" else ")"))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("delta_cp (share of clean answers flipped)")
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
@@ -124,7 +133,7 @@ def curve(path, points, names):
 def draw(path, kind, runs, summaries, names, relative, summarize):
     """diagnose.py --chart: the chart `kind` picks (which()) of the runs' rows and summaries; returns what it wrote."""
     if which(kind, runs) == "curve":
-        curve(path, curve_points(runs, summarize), names)
+        curve(path, curve_points(runs, summarize), names, *scales(runs))
         return f"wrote {path} (robustness curve)"
     tasks = {x["source"]: x["task"] for rows in runs for x in rows if x["task"] in TASKS}
     sources = sorted(tasks, key=lambda s: (TASKS.index(tasks[s]), s))  # image-heavy ones first

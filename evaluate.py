@@ -379,7 +379,7 @@ def main(argv=None):
                    repetition_penalty=args.repetition_penalty, style=args.style, facts_file=args.facts_file,
                    facts_replacement=args.facts_replacement, canvas_size=args.canvas_size, workers=args.workers,
                    shortcuts=args.shortcuts == "on", attack=A.settings(args.attack_eps, args.attack_steps,
-                                                                       args.attack_alpha))
+                                                                       args.attack_alpha, args.attack_scale))
     except (RunError, perturb.DataError, FileNotFoundError, NotADirectoryError) as e:  # written for people
         sys.exit(f"error: {e}")
     if rows is not None:

@@ -256,19 +256,30 @@ INTERVENTIONS = {"orig": Intervention(_orig, TASKS, False, None),
                  "fw": Intervention(functools.partial(_canvas, value=255), ("text_heavy",), True, None)}
 APPLIES = {name: row.tasks for name, row in INTERVENTIONS.items()}  # the tasks column, as evaluate/diagnose read it
 
-# evaluate.py --attack-eps (attack.py): worst-case rows named by their L-inf radius, "attack@0.01" (:g), on the
-# tasks that have a task-irrelevant modality. diagnose.py reads them as interventions by the three rules below.
-ATTACK, ATTACKED = "attack@", ("image_heavy", "text_heavy")
+# evaluate.py --attack-eps (attack.py): worst-case rows named by their L-inf radius, "attack@0.01" (:g), or with
+# --attack-scale std by the radius as a share of each row's embedding std, "attack@0.5std", on the tasks that have a
+# task-irrelevant modality. diagnose.py reads them as interventions by the three rules below.
+ATTACK, ATTACKED, STD = "attack@", ("image_heavy", "text_heavy"), "std"
 
 
 def attack_radius(name):
-    """The radius an attack row's name spells ("attack@0.01" -> 0.01), or None for any other name: a radius that
-    is not positive, or not written as f"{eps:g}" (one radius, one name)."""
+    """The radius an attack row's name spells ("attack@0.01" -> 0.01, "attack@0.5std" -> 0.5), or None for any other
+    name: a radius that is not positive, or not written as f"{eps:g}" (one radius, one name)."""
+    scale = attack_scale(name)
     try:
-        eps = float(name[len(ATTACK):]) if name.startswith(ATTACK) else None
+        eps = float(name[len(ATTACK):len(name) - len(STD) * (scale == STD)]) if scale else None
     except ValueError:
         return None
-    return eps if eps is not None and eps > 0 and f"{ATTACK}{eps:g}" == name else None
+    return eps if eps is not None and eps > 0 and attack_name(eps, scale) == name else None
+
+
+def attack_scale(name):
+    """"std" for an attack name relative to the embeddings' std, "none" for an absolute one, else None."""
+    return None if not name.startswith(ATTACK) else STD if name.endswith(STD) else "none"
+
+
+def attack_name(eps, scale="none"):
+    return f"{ATTACK}{eps:g}" + (STD if scale == STD else "")
 
 
 def applies(name):

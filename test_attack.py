@@ -64,6 +64,40 @@ def test_the_attack_changes_only_the_task_irrelevant_modality_and_stays_in_the_b
     assert answer.any() and not (out["mask"] & answer).any() and (out["delta"][answer] == 0).all()
 
 
+def test_a_radius_relative_to_the_embeddings_std_is_each_rows_own(tiny, tmp_path, monkeypatch):
+    """--attack-scale std: each row's ball is eps times the std of its own attacked embeddings (computed here from
+    the embedding table and the tower's output by hand), rows named "attack@0.5std"; diagnose and the curve read
+    them, and a curve mixing them with absolute radii is refused."""
+    import diagnose
+    import evaluate
+    import model as M
+    m, p, folder = tiny("llava")
+    chosen, batch, letters = _batch(p, _rows(_samples()))
+    ids = [s["id"] for s in chosen]
+    out = A.perturbation(m, batch, letters, 0.5, steps=2, noise=A.start(m, batch, ids, ["x"] * len(ids)), scale="std")
+    with torch.no_grad():
+        embeds, _ = M.embed(m, batch)
+    stds = [embeds[r][out["mask"][r]].double().std(unbiased=False) for r in range(len(ids))]
+    assert max(stds) > 3 * min(stds)  # image tokens and text: radii far apart in absolute terms
+    for r, std in enumerate(stds):  # the start is clamped to the ball, so its edge is reached
+        assert out["delta"][r].abs().max().item() == pytest.approx(0.5 * std.item(), rel=1e-5)
+    assert perturb.attack_radius("attack@0.5std") == 0.5 and perturb.attack_scale("attack@0.5std") == "std"
+    assert perturb.attack_radius("attack@0.50std") is None and perturb.applies("attack@0.5std") == perturb.ATTACKED
+    data = _write_dataset(str(tmp_path / "data"), n=2)
+    rows = evaluate.run(folder, [data], str(tmp_path / "rel"), ["orig"], batch_size=4, loaded=(m, p),
+                        attack=A.settings([0.5], 2, scale="std"))
+    assert {r["intervention"] for r in rows} == {"orig", "attack@0.5std"}
+    assert json.load(open(tmp_path / "rel" / "run.json"))["attack"] == dict(eps=[0.5], steps=2, alpha=0.25, scale="std")
+    summary = diagnose.summarize(diagnose.read(str(tmp_path / "rel" / "predictions.jsonl")))
+    assert all(list(cells) == ["orig", "attack@0.5std"] for source, cells in summary.items() if source != "vqa")
+    saved = _saved_figures(monkeypatch)
+    diagnose.main(["--chart", str(tmp_path / "rel.png"), str(tmp_path / "rel" / "predictions.jsonl")])
+    assert saved[0].axes[0].get_xlabel().endswith("x their std)")
+    (absolute,) = _write_runs(tmp_path, {"vanilla": RUNS["vanilla"]})
+    with pytest.raises(SystemExit, match="absolute in some rows and relative to the embeddings' std in others"):
+        diagnose.main(["--chart", str(tmp_path / "c.png"), str(tmp_path / "rel" / "predictions.jsonl"), str(absolute)])
+
+
 def test_a_zero_radius_changes_no_answer_and_the_target_is_the_clean_prediction(tiny, tmp_path):
     import evaluate
     m, p, folder = tiny("llava")
@@ -89,7 +123,8 @@ def test_a_larger_radius_never_lowers_the_loss_it_maximises(tiny):
     ids = [s["id"] for s in chosen]
     losses = []
     for eps in (1e-3, 1e-2, 1e-1):  # each radius's own random start, as evaluate.py draws it
-        out = A.perturbation(m, batch, letters, eps, steps=10, noise=A.start(m, batch, ids, [A.name(eps)] * len(ids)))
+        start = A.start(m, batch, ids, [perturb.attack_name(eps)] * len(ids))
+        out = A.perturbation(m, batch, letters, eps, steps=10, noise=start)
         losses.append(out["loss"])
         clean = -out["clean"].log()[torch.arange(len(ids)), out["target"]]
         assert (out["loss"] >= clean).all()  # the best point found is no better for the model than no attack
@@ -153,7 +188,8 @@ def test_bad_attack_settings_are_refused_in_one_line_before_the_model_loads(tmp_
              ("--attack-eps", "0.01", "--attack-steps", "0"): "error: --attack-eps 0.01 --attack-steps 0 ",
              ("--attack-eps", "0.01", "--attack-alpha", "0"): "error: --attack-eps 0.01 --attack-steps 10 "
                                                                "--attack-alpha 0:",
-             ("--attack-steps", "3"): "error: --attack-steps and --attack-alpha are options of --attack-eps"}
+             ("--attack-steps", "3"): "error: --attack-steps, --attack-alpha and --attack-scale are options of",
+             ("--attack-scale", "std"): "error: --attack-steps, --attack-alpha and --attack-scale are options of"}
     for extra, message in cases.items():
         with pytest.raises(SystemExit) as e:
             evaluate.main(_evaluate_cli(tmp_path, "out", *extra)[1:])  # --model M: no such model, never loaded
@@ -180,7 +216,8 @@ def _attack_run(flips):
         rows.append(_pred(sid, task, source, "orig", [0.7, 0.3], 0, 0))
         for eps in (0.01, 0.1):
             flip = flips.get((sid, eps), False)
-            rows.append(dict(_pred(sid, task, source, A.name(eps), [0.4, 0.6] if flip else [0.6, 0.4], int(flip), 0),
+            probs = [0.4, 0.6] if flip else [0.6, 0.4]
+            rows.append(dict(_pred(sid, task, source, perturb.attack_name(eps), probs, int(flip), 0),
                              eps=eps))
     rows.append(_pred("v", "vqa", "vqa", "orig", [0.6, 0.4], 0, 0))
     return rows

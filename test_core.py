@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1064,6 +1065,35 @@ def test_radar_chart_refuses_predictions_without_image_or_text_heavy_rows(tmp_pa
     assert str(e.value.code) == (f"error: {path}: no image-heavy or text-heavy rows, and the radar chart's axes are "
                                  "their sources x interventions (VQA has no interference to chart)")
     assert not (tmp_path / "radar.png").exists() and not (tmp_path / "diagnosis.json").exists()
+
+
+def test_toy_ablation_row_has_the_worst_heuristic_and_each_attack_radius_and_pgds_means(tmp_path, monkeypatch):
+    import toy
+    def cell(n, acc):
+        return dict(n=n, acc=acc)
+    summary = {"toy-shapes": {"orig": cell(4, 1.0), "uf": cell(4, 0.75), "md": cell(4, 0.5),
+                              "attack@0.5std": cell(4, 0.25), "attack@1std": cell(4, 0.0)},
+               "toy-stated": {"orig": cell(3, 1.0), "ri": cell(3, 1 / 3), "attack@0.5std": cell(3, 2 / 3)},
+               "toy-known": {"orig": cell(1, 0.0), "ri": cell(1, 1.0), "attack@0.5std": cell(1, 0.0)},
+               "toy-colors": {"orig": cell(5, 0.8)}}
+    # by hand: text-heavy pools its two sources by their sizes (3 and 1); "perturbed" is the worst heuristic only
+    assert toy.row(summary) == pytest.approx({
+        "image_heavy clean": 100, "image_heavy perturbed": 50, "text_heavy clean": 75, "text_heavy perturbed": 50,
+        "vqa clean": 80, "image_heavy attack@0.5std": 25, "image_heavy attack@1std": 0, "text_heavy attack@0.5std": 50})
+    (tmp_path / "run").mkdir()
+    steps = [dict(step=0, loss=1.0, pgd_move=0.5, adv_over_clean=2.0), dict(step=1, loss=0.5, pgd_move=1.0,
+                                                                           adv_over_clean=1.0)]
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    assert toy.moved(str(tmp_path / "run")) == dict(pgd_move=0.75, adv_over_clean=1.5)
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps(dict(step=0, loss=1.0)) + "\n")  # no PGD: fft-aug
+    assert toy.moved(str(tmp_path / "run")) == dict(pgd_move=None, adv_over_clean=None)
+    # the attacked subset: the first ATTACK_N of each of the two kinds, in the split's order
+    rows = [dict(id=f"{t}{i}", task=t) for i in range(4) for t in ("image_heavy", "text_heavy", "vqa")]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(toy, "args", SimpleNamespace(data=str(tmp_path)), raising=False)
+    monkeypatch.setattr(toy, "ATTACK_N", 2)
+    with open(toy.attacked_samples()) as f:
+        assert [json.loads(line)["id"] for line in f] == ["image_heavy0", "text_heavy0", "image_heavy1", "text_heavy1"]
 
 
 def test_toy_ablation_chart_shows_the_mean_and_the_spread_over_seeds(tmp_path, monkeypatch):

@@ -26,6 +26,20 @@ def test_toy_stage_cut_during_export_is_not_done(tmp_path):
     assert toy.done(toy.finish(str(stage)))
 
 
+def test_a_toy_model_trained_with_other_flags_is_not_reused_under_this_presets_name(tmp_path):
+    """The stage marker records train.py's flags: an edited PRESETS row (here ours-sign's radius) stops the ablation
+    instead of reporting the old model under the new settings; a marker of before (empty) is taken as done."""
+    stage = tmp_path / "ours-sign"
+    stage.mkdir()
+    flags = [*toy.PRESETS["ours-sign"], *toy.FINETUNE]
+    assert toy.done(toy.finish(str(stage), flags), flags) and json.loads((stage / toy.DONE).read_text()) == flags
+    edited = [f if f != "0.5" else "0.25" for f in flags]
+    with pytest.raises(SystemExit, match=r"ours-sign was trained with \[.*'0.5'.*\], not \[.*'0.25'.*\]: delete it"):
+        toy.done(str(stage), edited)
+    (stage / toy.DONE).write_text("")
+    assert toy.done(str(stage), edited)
+
+
 def test_unknown_model_type_is_refused_before_its_code_runs(tmp_path):
     folder = tmp_path / "custom"
     folder.mkdir()

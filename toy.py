@@ -2,7 +2,7 @@
 vanilla way, diagnose it, fine-tune it with the paper's method (preset ours), diagnose it again and
 print the before/after table. No download; a few minutes on 2 CPU cores.
   python toy.py                 # out/toy/{base,vanilla,ours}, each with eval/predictions.jsonl
-  python toy.py --ablation      # every preset x 3 seeds -> out/toy/ablation.md and ablation.png
+  python toy.py --ablation      # every preset x 3 seeds, heuristic and worst-case columns -> out/toy/ablation.md, .png
   python toy.py --smoke         # tiny data and model, 5 steps of ours, evaluated: the check to run after a change
 """
 import argparse
@@ -15,9 +15,11 @@ import subprocess
 import sys
 import time
 
+import attack
 import charts
 import diagnose
 import evaluate
+import perturb
 from model import make_tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,6 +35,15 @@ FINETUNE = ["--lr", "5e-4", "--batch-size", "32"]
 # Toy questions are ~10 words: 3 unrelated facts (not the paper's 10) keep UF's share of the text
 # close to the paper's and the sequences short.
 K_FACTS = "3"
+# --ablation's worst-case columns: evaluate.py --attack-eps at these radii, each a share of the attacked row's own
+# embedding std (--attack-scale std: text and image tokens differ ~10x in scale), on the first ATTACK_N image- and
+# text-heavy test samples. The paper's heuristics alone cannot rank the presets after fft-aug (docs/toy.md).
+ATTACK_EPS, ATTACK_N = [0.5, 1.0], 100
+# Beyond the paper's presets: its PGD with steps that move delta (sign) in a ball of half each row's embedding std.
+# Eq. 7's raw step at the paper's radius hardly leaves its random start (docs/training.md, 'Does PGD attack?').
+SIGN = ["--pgd-step", "sign", "--eps-scale", "std", "--eps", "0.5"]
+PRESETS = {name: ["--preset", name] for name in ("fft-vqa", "fft-aug", "kl", "js", "rg", "pgd", "ours")}
+PRESETS.update({"pgd-sign": ["--preset", "pgd", *SIGN], "ours-sign": ["--preset", "ours", *SIGN]})
 
 
 def phase(text, t0, done, total):
@@ -51,35 +62,75 @@ def run(*cmd):
 DONE = ".toy-done"
 
 
-def done(folder):
-    """Whether a stage's output is complete (else the stage runs again; train.py resumes where it stopped)."""
-    return os.path.isfile(os.path.join(folder, DONE))
+def done(folder, extra=None):
+    """Whether a stage's output is complete (else the stage runs again; train.py resumes where it stopped). A model
+    trained with other train.py flags than `extra` (the marker records them; an edited PRESETS row) stops the run:
+    its numbers would stand under this preset's name."""
+    path = os.path.join(folder, DONE)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        saved = f.read()
+    if extra is not None and saved and json.loads(saved) != extra:
+        sys.exit(f"{folder} was trained with {json.loads(saved)}, not {extra}: delete it or pass another --out")
+    return True
 
 
-def finish(folder):
-    open(os.path.join(folder, DONE), "w").close()
+def finish(folder, extra=None):
+    with open(os.path.join(folder, DONE), "w") as f:
+        f.write(json.dumps(extra) if extra is not None else "")
     return folder
 
 
 def train(model, out, extra, seed, steps):
-    if not done(out):
+    if not done(out, extra):
         # an unfinished stage continues from its checkpoint, or else starts over on its own leftovers
         again = "--resume" if os.path.isdir(out) and any(re.fullmatch(r"ckpt-\d{8}", d) for d in os.listdir(out)) \
             else "--overwrite"
         run("train.py", "--model", model, "--data", os.path.join(args.data, "train.jsonl"), "--out", out,
             "--seed", str(seed), "--k-facts", K_FACTS, "--save-every", "100000", "--max-steps", str(steps), again,
             *extra)
-        finish(out)
+        finish(out, extra)
     return out
 
 
-def diagnosis(model, seed):
-    """Evaluate on the test split (held-out UF/MD wordings) and return diagnose's summary. Always afresh
+def diagnosis(model, seed, worst=False):
+    """Evaluate on the test split (held-out UF/MD wordings) and return diagnose's summary; worst: also the attack
+    rows of ATTACK_EPS on the first ATTACK_N image- and text-heavy samples (eval-attack/). Always afresh
     (overwrite): a redone stage re-exports its model, which evaluate rightly takes for other weights."""
     out = os.path.join(model, "eval")
     evaluate.run(model, [os.path.join(args.data, "test.jsonl")], out, k_facts=int(K_FACTS), seed=seed,
                  batch_size=64, overwrite=True)
-    return diagnose.diagnose(os.path.join(out, "predictions.jsonl"))
+    summary = diagnose.diagnose(os.path.join(out, "predictions.jsonl"))
+    if worst:
+        out = os.path.join(model, "eval-attack")
+        evaluate.run(model, [attacked_samples()], out, ["orig"], seed=seed, batch_size=64, overwrite=True,
+                     attack=attack.settings(ATTACK_EPS, scale="std"))
+        for source, cells in diagnose.diagnose(os.path.join(out, "predictions.jsonl")).items():
+            summary[source].update((n, c) for n, c in cells.items() if n != "orig")
+    return summary
+
+
+def attacked_samples():
+    """The first ATTACK_N image- and ATTACK_N text-heavy samples of the test split, in a file beside it."""
+    path, taken = os.path.join(args.data, "test-attack.jsonl"), {}
+    with open(os.path.join(args.data, "test.jsonl"), encoding="utf-8") as f, open(path + ".tmp", "w") as out:
+        for line in f:
+            task = json.loads(line)["task"]
+            if task in perturb.ATTACKED and taken.get(task, 0) < ATTACK_N:
+                taken[task] = taken.get(task, 0) + 1
+                out.write(line)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def moved(model):
+    """What PGD did during a run, from its metrics.jsonl: mean pgd_move and adv_over_clean over the steps (None
+    where the preset has no PGD)."""
+    with open(os.path.join(model, "metrics.jsonl")) as f:
+        steps = [json.loads(line) for line in f]
+    return {k: statistics.mean(s[k] for s in steps) if all(k in s for s in steps) else None
+            for k in ("pgd_move", "adv_over_clean")}
 
 
 SOURCES = {"image_heavy": ["toy-shapes"], "text_heavy": ["toy-stated", "toy-known"], "vqa": ["toy-colors"]}
@@ -87,17 +138,19 @@ SOURCES = {"image_heavy": ["toy-shapes"], "text_heavy": ["toy-stated", "toy-know
 
 def row(summary):
     """The numbers of a Table-5 row: clean and worst-perturbation accuracy per task (over its sources,
-    weighted by their sizes), VQA accuracy."""
-    out = {}
+    weighted by their sizes), VQA accuracy; then the accuracy under each attack radius (the worst case)."""
+    out, worst = {}, {}
     for task, sources in SOURCES.items():
         acc = {}
         for name in summary[sources[0]]:
             cells = [summary[s][name] for s in sources]
             acc[name] = 100 * sum(c["n"] * c["acc"] for c in cells) / sum(c["n"] for c in cells)
         out[f"{task} clean"] = acc.pop("orig")
-        if acc:
-            out[f"{task} perturbed"] = min(acc.values())
-    return out
+        heuristic = [a for name, a in acc.items() if name in perturb.APPLIES]
+        if heuristic:
+            out[f"{task} perturbed"] = min(heuristic)
+        worst.update((f"{task} {name}", a) for name, a in acc.items() if perturb.attack_radius(name))
+    return {**out, **worst}
 
 
 def before_after(a, b):
@@ -135,6 +188,8 @@ p.add_argument("--finetune-steps", type=int, default=300)
 p.add_argument("--caption-rate", type=float, default=0.8, help="data/toy/prepare.py's share of captioned "
                "image questions in training")
 p.add_argument("--ablation", action="store_true", help="every preset x 3 seeds (about 30 minutes on 2 cores)")
+p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS), help="--ablation: these "
+               "presets beside vanilla (default all: Table 5's and the sign-step variants pgd-sign, ours-sign)")
 p.add_argument("--smoke", action="store_true", help="tiny data and model, 5 steps of ours, evaluated and diagnosed "
                "(under 90 s on 2 cores): the check to run after changing the code")
 
@@ -207,8 +262,7 @@ def main():
 
 
 def ablation(out, t0):
-    presets = ["vanilla", "fft-vqa", "fft-aug", "kl", "js", "rg", "pgd", "ours"]
-    seeds, results = [0, 1, 2], {}
+    presets, seeds, results, pgd = ["vanilla", *args.presets], [0, 1, 2], {}, {}
     total = len(seeds) * len(presets)
     for i, seed in enumerate(seeds):
         root = os.path.join(out, f"seed{seed}")
@@ -216,33 +270,37 @@ def ablation(out, t0):
         for j, preset in enumerate(presets):
             phase(f"seed {seed}: {preset}", t0, i * len(presets) + j, total)
             model = vanilla if preset == "vanilla" else train(vanilla, os.path.join(root, preset),
-                                                              ["--preset", preset, *FINETUNE], seed, args.finetune_steps)
-            results.setdefault(preset, []).append(row(diagnosis(model, seed)))
+                                                              [*PRESETS[preset], *FINETUNE], seed, args.finetune_steps)
+            results.setdefault(preset, []).append(row(diagnosis(model, seed, worst=True)))
+            pgd.setdefault(preset, []).append(moved(model) if preset != "vanilla" else {})
     columns = list(results["vanilla"][0])
-    lines = ["| preset | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| preset | " + " | ".join(columns) + " | pgd_move | adv_over_clean |", "|---" * (len(columns) + 3) + "|"]
     for preset, rows in results.items():
         cells = [f"{statistics.mean(r[c] for r in rows):.1f} ± {statistics.pstdev(r[c] for r in rows):.1f}"
                  for c in columns]
+        cells += [f"{statistics.mean(m[k] for m in pgd[preset]):.3g}" if all(m.get(k) for m in pgd[preset]) else "-"
+                  for k in ("pgd_move", "adv_over_clean")]
         lines.append(f"| {preset} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     with open(os.path.join(out, "ablation.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(dict(results=results, pgd=pgd), f, indent=1)
     chart(results, columns, os.path.join(out, "ablation.png"))
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min; {out}/ablation.md and ablation.png\n\n{table}")
 
 
 # One colour per preset, in the order of the ablation: grey the baseline, blues the plain fine-tuning,
-# oranges the consistency terms, greens the noise, red the method.
-PALETTE = ["#787878", "#aac8e6", "#5a96d2", "#fabe6e", "#f08c3c", "#b4dca0", "#64b464", "#c83232"]
+# oranges the consistency terms, greens the noise, red the method
+PALETTE = ["#787878", "#aac8e6", "#5a96d2", "#fabe6e", "#f08c3c", "#b4dca0", "#64b464", "#c83232", "#9b7ac8",
+           "#5a2d91"]  # and purples the sign-step variants
 
 
 def chart(results, columns, path):
     """Grouped bars: one group per column, one bar per preset at its mean over seeds, with the spread over
     seeds (population standard deviation, as in ablation.md) as an error bar."""
     from matplotlib.figure import Figure  # only the chart needs matplotlib
-    fig = Figure(figsize=(9, 4.5), dpi=100)
+    fig = Figure(figsize=(max(9, 1.3 * len(columns)), 4.5), dpi=100)
     ax = fig.add_subplot()
     width = 0.8 / len(results)
     for i, (preset, rows) in enumerate(results.items()):
@@ -251,8 +309,8 @@ def chart(results, columns, path):
         spread = [statistics.pstdev(r[c] for r in rows) for c in columns]
         ax.bar(x, mean, width, yerr=spread, capsize=2, color=PALETTE[i % len(PALETTE)], label=preset,
                error_kw=dict(lw=0.8))
-    ax.set_xticks(range(len(columns)), [c.replace("_heavy", "") for c in columns])
-    ax.set_xlabel("task: clean accuracy, or under its worst intervention (perturbed)")
+    ax.set_xticks(range(len(columns)), [c.replace("_heavy", "").replace(" attack@", "\nattack@") for c in columns])
+    ax.set_xlabel("task: clean accuracy, under its worst intervention (perturbed), under the attack (radius x std)")
     ax.set_ylabel(f"accuracy (%), mean ± spread over {len(next(iter(results.values())))} seeds")
     ax.set_ylim(0, 105)
     ax.grid(axis="y", color="#e1e1e1")
