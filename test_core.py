@@ -1105,7 +1105,7 @@ def test_toy_ablation_chart_shows_the_mean_and_the_spread_over_seeds(tmp_path, m
     toy.chart(results, columns, str(tmp_path / "ablation.png"))
     (ax,) = saved[0].axes
     assert Image.open(tmp_path / "ablation.png").size == (900, 450)
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["image clean", "vqa clean"] and "seeds" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["image\nclean", "vqa\nclean"] and "seeds" in ax.get_ylabel()
     bars = [c for c in ax.containers if hasattr(c, "patches")]
     assert [b.get_label() for b in bars] == ["vanilla", "ours"]
     for bar, mean, spread in zip(bars, [[93, 100], [99.5, 99]], [[3, 0], [0.5, 1]]):  # population std of two seeds

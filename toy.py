@@ -294,6 +294,7 @@ def ablation(out, t0):
 # oranges the consistency terms, greens the noise, red the method
 PALETTE = ["#787878", "#aac8e6", "#5a96d2", "#fabe6e", "#f08c3c", "#b4dca0", "#64b464", "#c83232", "#9b7ac8",
            "#5a2d91"]  # and purples the sign-step variants
+COLOURS = dict(zip(["vanilla", *PRESETS], PALETTE))  # a preset keeps its colour in a run of some presets
 
 
 def chart(results, columns, path):
@@ -307,16 +308,17 @@ def chart(results, columns, path):
         x = [c + (i - (len(results) - 1) / 2) * width for c in range(len(columns))]
         mean = [statistics.mean(r[c] for r in rows) for c in columns]
         spread = [statistics.pstdev(r[c] for r in rows) for c in columns]
-        ax.bar(x, mean, width, yerr=spread, capsize=2, color=PALETTE[i % len(PALETTE)], label=preset,
+        ax.bar(x, mean, width, yerr=spread, capsize=2, color=COLOURS.get(preset, "black"), label=preset,
                error_kw=dict(lw=0.8))
-    ax.set_xticks(range(len(columns)), [c.replace("_heavy", "").replace(" attack@", "\nattack@") for c in columns])
+    labels = [c.replace("_heavy", "").replace(" ", "\n").replace("@", "\n").replace("std", " std") for c in columns]
+    ax.set_xticks(range(len(columns)), labels)
     ax.set_xlabel("task: clean accuracy, under its worst intervention (perturbed), under the attack (radius x std)")
     ax.set_ylabel(f"accuracy (%), mean ± spread over {len(next(iter(results.values())))} seeds")
     ax.set_ylim(0, 105)
     ax.grid(axis="y", color="#e1e1e1")
     ax.set_axisbelow(True)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-    fig.subplots_adjust(left=0.08, right=0.86, bottom=0.14, top=0.96)
+    fig.subplots_adjust(left=0.08, right=0.86, bottom=0.2, top=0.96)
     fig.savefig(path)
 
 
