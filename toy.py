@@ -94,9 +94,9 @@ def train(model, out, extra, seed, steps):
     return out
 
 
-def diagnosis(model, seed, worst=False):
-    """Evaluate on the test split (held-out UF/MD wordings) and return diagnose's summary; worst: also the attack
-    rows of ATTACK_EPS on the first ATTACK_N image- and text-heavy samples (eval-attack/). Always afresh
+def diagnosis(model, seed, worst=None):
+    """Evaluate on the test split (held-out UF/MD wordings) and return diagnose's summary; worst: the path of
+    attacked_samples(), whose attack rows of ATTACK_EPS join it (eval-attack/). Always afresh
     (overwrite): a redone stage re-exports its model, which evaluate rightly takes for other weights."""
     out = os.path.join(model, "eval")
     evaluate.run(model, [os.path.join(args.data, "test.jsonl")], out, k_facts=int(K_FACTS), seed=seed,
@@ -104,7 +104,7 @@ def diagnosis(model, seed, worst=False):
     summary = diagnose.diagnose(os.path.join(out, "predictions.jsonl"))
     if worst:
         out = os.path.join(model, "eval-attack")
-        evaluate.run(model, [attacked_samples()], out, ["orig"], seed=seed, batch_size=64, overwrite=True,
+        evaluate.run(model, [worst], out, ["orig"], seed=seed, batch_size=64, overwrite=True,
                      attack=attack.settings(ATTACK_EPS, scale="std"))
         for source, cells in diagnose.diagnose(os.path.join(out, "predictions.jsonl")).items():
             summary[source].update((n, c) for n, c in cells.items() if n != "orig")
@@ -187,7 +187,7 @@ p.add_argument("--vanilla-steps", type=int, default=800)
 p.add_argument("--finetune-steps", type=int, default=300)
 p.add_argument("--caption-rate", type=float, default=0.8, help="data/toy/prepare.py's share of captioned "
                "image questions in training")
-p.add_argument("--ablation", action="store_true", help="every preset x 3 seeds (about 30 minutes on 2 cores)")
+p.add_argument("--ablation", action="store_true", help="every preset x 3 seeds (about 2 hours on 2 cores)")
 p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS), help="--ablation: these "
                "presets beside vanilla (default all: Table 5's and the sign-step variants pgd-sign, ours-sign)")
 p.add_argument("--smoke", action="store_true", help="tiny data and model, 5 steps of ours, evaluated and diagnosed "
@@ -263,6 +263,7 @@ def main():
 
 def ablation(out, t0):
     presets, seeds, results, pgd = ["vanilla", *args.presets], [0, 1, 2], {}, {}
+    worst = attacked_samples()  # once: the same questions for every model
     total = len(seeds) * len(presets)
     for i, seed in enumerate(seeds):
         root = os.path.join(out, f"seed{seed}")
@@ -271,14 +272,14 @@ def ablation(out, t0):
             phase(f"seed {seed}: {preset}", t0, i * len(presets) + j, total)
             model = vanilla if preset == "vanilla" else train(vanilla, os.path.join(root, preset),
                                                               [*PRESETS[preset], *FINETUNE], seed, args.finetune_steps)
-            results.setdefault(preset, []).append(row(diagnosis(model, seed, worst=True)))
+            results.setdefault(preset, []).append(row(diagnosis(model, seed, worst)))
             pgd.setdefault(preset, []).append(moved(model) if preset != "vanilla" else {})
     columns = list(results["vanilla"][0])
     lines = ["| preset | " + " | ".join(columns) + " | pgd_move | adv_over_clean |", "|---" * (len(columns) + 3) + "|"]
     for preset, rows in results.items():
         cells = [f"{statistics.mean(r[c] for r in rows):.1f} ± {statistics.pstdev(r[c] for r in rows):.1f}"
                  for c in columns]
-        cells += [f"{statistics.mean(m[k] for m in pgd[preset]):.3g}" if all(m.get(k) for m in pgd[preset]) else "-"
+        cells += [f"{statistics.mean(m[k] for m in pgd[preset]):.3g}" if all(m.get(k) is not None for m in pgd[preset]) else "-"
                   for k in ("pgd_move", "adv_over_clean")]
         lines.append(f"| {preset} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
