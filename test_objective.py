@@ -153,9 +153,10 @@ def test_cons_is_the_divergence_of_each_original_and_its_twins_and_copies_over_c
     twins = len(batch["pairs"])
     assert twins == 5 and len(pairs) == 2 * twins + 2  # originals with 2 twins (uf, md), 3 (ri, fb, fw): all attacked
     assert totals[2] == count
-    # rel 2e-4: losses.consistency works in float32 (it casts even float64 logits), and a divergence of two close
-    # distributions loses digits there to cancellation (5e-5 measured for kl); a wrong count or tau is off by % or more
-    assert cons.item() == pytest.approx((total / count).item(), rel=2e-4) and cons.item() > 1e-5
+    # rel 1e-3: losses.consistency works in float32 (it casts even float64 logits), and a divergence of two close
+    # distributions loses digits there to cancellation, by the CPU's kernels (kl: 5e-5 measured on one machine,
+    # 2.2e-4 on an AMD EPYC); a wrong count or tau is off by % or more
+    assert cons.item() == pytest.approx((total / count).item(), rel=1e-3) and cons.item() > 1e-5
 
 
 RUN = ["--adv", "rg", "--cons", "js", "--lambda-cons", "50", "--sigma", "0.5"]  # lambda: L_cons' gradient shows
