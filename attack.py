@@ -8,6 +8,7 @@ import math
 
 import torch
 
+import dataloader
 import losses
 import model as M
 import perturb
@@ -141,10 +142,10 @@ def perturbation(model, batch, letters, eps, steps=10, alpha=0.25, noise=None, s
 
 def start(model, batch, ids, names, seed=0):
     """The standard normal draw of each row's random start (B, L, D), per (seed, sample id, attack name): the same
-    in any batch, on any rank (losses.noise_like; padding only adds positions at the end)."""
+    in any batch, on any rank (dataloader.noise_like; padding only adds positions at the end)."""
     like = torch.zeros(1, batch["input_ids"].shape[1], model.get_input_embeddings().embedding_dim,
                        device=batch["input_ids"].device, dtype=model.get_input_embeddings().weight.dtype)
-    return torch.cat([losses.noise_like(like, [i], seed, "attack", n) for i, n in zip(ids, names)])
+    return torch.cat([dataloader.noise_like(like, [i], seed, "attack", n) for i, n in zip(ids, names)])
 
 
 def found(model, processor, samples, names, batch, letter_ids, attack, seed=0, style="ours"):
@@ -155,9 +156,9 @@ def found(model, processor, samples, names, batch, letter_ids, attack, seed=0, s
     batch = dict(batch, sample_mask=sample_mask(processor, samples, batch, style))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     eps = [perturb.attack_radius(n) for n in names]
+    (scale,) = {perturb.attack_scale(n) for n in names}  # the names spell it; one run, one scale
     out = perturbation(model, batch, [letter_ids[:len(s["options"])] for s in samples], eps, attack["steps"],
-                       attack["alpha"], start(model, batch, [s["id"] for s in samples], names, seed),
-                       attack.get("scale", "none"))
+                       attack["alpha"], start(model, batch, [s["id"] for s in samples], names, seed), scale)
     probs = out["probs"].cpu()
     return [dict(probs=probs[r, :len(s["options"])].tolist(), pred=int(probs[r, :len(s["options"])].argmax()),
                  eps=e) for r, (s, e) in enumerate(zip(samples, eps))]

@@ -1,12 +1,15 @@
 """train.py's data: the task pools of --data mixed in the ratios of --ratio-image and --ratio-text, each pool an
 endless stream of reshuffled passes (Schedule), and each step's rows: its originals with their heuristically
-perturbed twins, collated per micro-step (Batches). A step's rows depend on (seed, step) alone, so a resumed run,
-and any split over ranks and micro-steps, sees exactly the same ones.
+perturbed twins, collated per micro-step (Batches), and each row's noise (noise_like). A step's rows and noise
+depend on (seed, step) alone, so a resumed run, and any split over ranks and micro-steps, sees exactly the same ones.
 """
+import hashlib
 import math
 import random
 import sys
 from fractions import Fraction
+
+import torch
 
 import perturb
 import samples as S
@@ -27,17 +30,9 @@ def read(args):
     bad files fail here, before any model is loaded (with one line naming the file and line)."""
     paths = [S.data_file(d, "train") for d in args.data]
     try:
-        loaded = [(path, perturb.load_samples(path, decode=True)) for path in paths]  # a broken image too
+        loaded = S.load_files(paths, decode=True)  # a broken image, or an id in two files, too
     except (perturb.DataError, FileNotFoundError) as e:  # messages written for people: file, line, what to do
         sys.exit(f"error: {e}")
-    first = {}  # a file checks its own ids; across files (or a file given twice) they must differ too
-    for i, (path, part) in enumerate(loaded):
-        for s in part:
-            j, other = first.setdefault(s["id"], (i, path))
-            if j != i:
-                twice = " (--data names it twice)" * (other == path)
-                sys.exit(f"error: {path}: id {s['id']!r} also appears in {other}{twice}: ids must be unique across "
-                         f"--data (each seeds its sample's perturbations)")
     return paths, [s for _, part in loaded for s in part], {id(s): path for path, part in loaded for s in part}
 
 
@@ -150,3 +145,15 @@ class Batches:
             batch["pairs"] = [(i, len(part) + j) for j, (i, _, _) in enumerate(twins)]
             out.append(batch)
         return out
+
+
+def noise_like(embeds, ids, seed, step, kind):
+    """Standard normal noise per row of embeds (B, L, D), seeded by (seed, step, the row's sample id, kind): the same
+    values whatever the padding, rank or process count, so one process and many compute the same step. PGD's
+    random start and RG's noise (losses.pgd's and gaussian_noise's noise=), drawn like the twins above."""
+    noise = torch.zeros_like(embeds)
+    for r, sid in enumerate(ids):
+        key = hashlib.sha256(f"{seed}/{step}/{sid}/{kind}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+        noise[r] = torch.randn(embeds.shape[1:], generator=g).to(embeds.device, embeds.dtype)
+    return noise

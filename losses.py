@@ -3,7 +3,6 @@ masked PGD in the input-embedding space (eq. 7), random Gaussian noise (the RG a
 modality mask that says which positions a perturbation may touch. No model code lives here.
 Read next to arXiv 2505.19616, section 4.
 """
-import hashlib
 import math
 
 import torch
@@ -102,8 +101,8 @@ def pgd(loss_fn, embeds, mask, eps=1e-3, alpha=0.1, steps=2, rule="raw", generat
     attack neither frees nor extends the graph of the clean pass. Only delta gets a gradient
     (torch.autograd.grad), so parameter .grad fields are left as they were. rule: a row of STEPS. eps: a number or
     (B, 1, 1) (radius()). noise: the standard normal draw behind the init, if the caller wants it per sample
-    (default: drawn here from `generator`). stats: a dict that gets "pgd_move", how far the steps moved delta
-    from its start, as a share of eps (mean over the perturbed elements; 1: from the centre to the ball's edge)."""
+    (dataloader.noise_like; default: drawn here from `generator`). stats: a dict that gets "pgd_move", how far the
+    steps moved delta from its start, as a share of eps (mean over the perturbed elements; 1: centre to edge)."""
     m = mask[..., None].to(embeds.dtype)                                          # (B, L, 1)
     if noise is None:
         noise = torch.randn(embeds.shape, generator=generator, device=embeds.device, dtype=embeds.dtype)
@@ -116,18 +115,6 @@ def pgd(loss_fn, embeds, mask, eps=1e-3, alpha=0.1, steps=2, rule="raw", generat
         moved = (delta - start.detach()).abs() / torch.as_tensor(eps, dtype=embeds.dtype).clamp(min=1e-30) * m
         stats.setdefault("pgd_move", []).append(moved.sum() / (m.sum() * embeds.shape[-1]).clamp(min=1))
     return delta
-
-
-def noise_like(embeds, ids, seed, step, kind):
-    """Standard normal noise per row of embeds (B, L, D), seeded by (seed, step, the row's sample id, kind): the same
-    values whatever the padding, rank or process count, so one process and many compute the same step. PGD's
-    random start and RG's noise (noise=)."""
-    noise = torch.zeros_like(embeds)
-    for r, sid in enumerate(ids):
-        key = hashlib.sha256(f"{seed}/{step}/{sid}/{kind}".encode()).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
-        noise[r] = torch.randn(embeds.shape[1:], generator=g).to(embeds.device, embeds.dtype)
-    return noise
 
 
 def gaussian_noise(embeds, mask, sigma=0.05, generator=None, noise=None):

@@ -9,6 +9,7 @@ test_share.py).
 """
 import torch
 
+import dataloader
 import losses
 import model as M
 import perturb
@@ -54,7 +55,7 @@ def loss_parts(step_model, batch, step, totals, args, prof):
     if not attack:
         return T.losses_of(batch, step_model(batch, embeds, keep), targets, [], totals, args, prof)
     sub, base, sub_mask = M.rows_of(batch, attack, keys), embeds[attack].detach(), mask[attack]
-    noise = losses.noise_like(base, [batch["ids"][r] for r in attack], args.seed, step, args.adv)
+    noise = dataloader.noise_like(base, [batch["ids"][r] for r in attack], args.seed, step, args.adv)
     prof.lap("noise")
     passes = pgd_passes(batch, attack, sub_mask, args, world, M.family(hf_model))
     prefix = None

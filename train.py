@@ -284,7 +284,7 @@ def loss_parts(step_model, batch, step, totals, args, prof):
     delta = {}
     if attack:
         sub, base = M.rows_of(batch, attack, keys), embeds[attack].detach()
-        noise = losses.noise_like(base, [batch["ids"][r] for r in attack], args.seed, step, args.adv)
+        noise = dataloader.noise_like(base, [batch["ids"][r] for r in attack], args.seed, step, args.adv)
         prof.lap("noise")
         if args.adv == "pgd":  # eq. (7) on the masked positions; gradients w.r.t. delta only, not the weights
             calls = iter(range(1, args.pgd_steps + 1))
