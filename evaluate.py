@@ -38,20 +38,13 @@ def rng_for(seed, sample, name):
 
 def load_data(paths, interventions, ri_folder=None):
     """Samples of all files (ids unique across them) and the (sample, intervention) jobs, in file order."""
-    samples, where, free = [], {}, 0
     paths = [S.data_file(q, "test") for q in paths]
     for path in paths:
         if not os.path.isfile(path):
             raise RunError(f"{path}: no such file (pass JSONL files, or folders holding a test.jsonl)")
-        for s in perturb.load_samples(path, decode=True):  # a bad image stops us before the model loads
-            if s["options"] is None:  # an instruction sample: no option letters to score
-                free += 1
-                continue
-            if s["id"] in where:
-                raise RunError(f"{path}: id {s['id']!r} also appears in {where[s['id']]}; ids must be unique "
-                                 "across the evaluated files")
-            where[s["id"]] = path
-            samples.append(s)
+    loaded = [s for _, part in S.load_files(paths, decode=True) for s in part]  # a bad image stops us here
+    samples = [s for s in loaded if s["options"] is not None]  # instruction samples: no option letters to score
+    free = len(loaded) - len(samples)
     if free:
         print(f"skipped {free} instruction samples (free-form answers, no options to score)", file=sys.stderr)
     if not samples:

@@ -57,6 +57,20 @@ def load_samples(path, *, image_root=None, decode=False):
     return samples
 
 
+def load_files(paths, decode=False):
+    """[(path, its samples)] of several files (load_samples each), their ids unique across them too: an id seeds its
+    sample's perturbations, so two samples sharing one would be perturbed alike."""
+    loaded, first = [(path, load_samples(path, decode=decode)) for path in paths], {}
+    for i, (path, part) in enumerate(loaded):
+        for s in part:
+            j, other = first.setdefault(s["id"], (i, path))
+            if j != i:
+                twice = " (the same file given twice)" * (other == path)
+                raise DataError(f"{path}: id {s['id']!r} also appears in {other}{twice}: ids must be unique across "
+                                f"the files (each seeds its sample's perturbations)")
+    return loaded
+
+
 def _decode_all(path, images):
     """images: {path: (line, id)} of each distinct image; every one is tried, so the error can say how many more
     are bad."""

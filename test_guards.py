@@ -12,6 +12,7 @@ import model as M
 import prompts as P
 import toy
 from model import make_tiny
+from samples import DataError
 
 
 def test_toy_stage_cut_during_export_is_not_done(tmp_path):
@@ -191,11 +192,15 @@ def test_train_refuses_vqa_only_data_for_a_preset_with_twins_and_ids_given_twice
         _train(run + ["--data", str(vqa)], monkeypatch)
     with pytest.raises(SystemExit, match="--preset ours trains on VQA samples alone"):  # or by the ratios
         _train(run + ["--data", data, "--ratio-image", "0", "--ratio-text", "0"], monkeypatch)
-    with pytest.raises(SystemExit, match=f"error: {data}: id 'i0' also appears in {data} \\(--data names it twice\\)"):
+    twice = f"{data}: id 'i0' also appears in {data} \\(the same file given twice\\)"
+    with pytest.raises(SystemExit, match=f"error: {twice}"):
         _train(run + ["--data", data, data], monkeypatch)
     other = _one_sample_data(tmp_path, name="e.jsonl")
     with pytest.raises(SystemExit, match=f"error: {other}: id 'i0' also appears in {data}: ids must be unique"):
         _train(run + ["--data", data, other], monkeypatch)
+    import evaluate  # evaluating reads its files with the same check
+    with pytest.raises(DataError, match=twice):
+        evaluate.load_data([data, data], ["orig"])
     assert _nothing_written(tmp_path / "out")
     _train(run + ["--data", str(vqa), "--preset", "fft-vqa", "--batch-size", "1"], monkeypatch)  # that one trains
 
