@@ -27,6 +27,17 @@ def test_toy_stage_cut_during_export_is_not_done(tmp_path):
     assert toy.done(toy.finish(str(stage)))
 
 
+def test_toy_refuses_flags_it_would_ignore_and_runs_a_preset_named_twice_once(capsys):
+    with pytest.raises(SystemExit):
+        toy.parse(["--presets", "ours-sign"])  # without --ablation the quick start would train `ours` alone
+    assert "--presets chooses the presets of --ablation" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        toy.parse(["--smoke", "--ablation"])
+    assert "--smoke and --ablation are two runs" in capsys.readouterr().err
+    assert toy.parse(["--ablation", "--presets", "ours", "fft-aug", "ours"]).presets == ["ours", "fft-aug"]
+    assert toy.parse(["--ablation"]).presets == list(toy.PRESETS) and toy.parse([]).presets == list(toy.PRESETS)
+
+
 def test_a_toy_model_trained_with_other_flags_is_not_reused_under_this_presets_name(tmp_path):
     """The stage marker records train.py's flags: an edited PRESETS row (here ours-sign's radius) stops the ablation
     instead of reporting the old model under the new settings; a marker of before (empty) is taken as done."""
