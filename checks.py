@@ -34,6 +34,21 @@ def flags(args):
                 f"adapters (at 0 or below they do nothing or the opposite), and dropout is a probability below 1")
     if args.max_steps is None and args.epochs <= 0:
         return f"error: --epochs {args.epochs:g} trains nothing: pass a positive number (or --max-steps)"
+    return method(args)
+
+
+def method(args):
+    """The line refusing a size of the objective that would train something else than asked (a negative eps or alpha
+    descends, a negative lambda pushes the answers apart, tau 0 divides by 0), or a PGD flag the preset never uses."""
+    sizes = dict(eps=args.eps, alpha=args.alpha, sigma=args.sigma, lambda_cons=args.lambda_cons, tau=args.tau)
+    bad = [f"--{k.replace('_', '-')} {v:g}" for k, v in sizes.items()
+           if not 0 <= v < float("inf") or (k == "tau" and v == 0)]
+    if bad or args.pgd_steps < 0:
+        return (f"error: {' '.join(bad + [f'--pgd-steps {args.pgd_steps}'] * (args.pgd_steps < 0))}: the objective's "
+                f"sizes must be finite and at least 0, tau above 0")
+    if args.adv != "pgd" and (args.pgd_step != "raw" or args.eps_scale != "none"):
+        return (f"error: --pgd-step {args.pgd_step} --eps-scale {args.eps_scale} shape PGD, and --adv {args.adv} "
+                f"(--preset {args.preset}) runs none: drop them, or pick a preset with PGD (pgd, ours)")
     return None
 
 

@@ -331,6 +331,13 @@ def test_bad_flags_and_an_out_that_is_a_file_fail_in_one_line_before_the_model_l
     for extra, message in [(["--k-facts", "0"], f"error: --k-facts 0: UF prepends 1 to {n} facts"),
                            (["--k-facts", str(n + 1)], f"error: --k-facts {n + 1}: UF prepends 1 to {n} facts"),
                            (["--keep-checkpoints", "0"], "error: --keep-checkpoints must be at least 1"),
+                           (["--eps", "-0.001"], "error: --eps -0.001: the objective's sizes must be finite"),
+                           (["--alpha", "-0.1", "--tau", "0"], "error: --alpha -0.1 --tau 0: the objective's sizes"),
+                           (["--lambda-cons", "nan"], "error: --lambda-cons nan: the objective's sizes"),
+                           (["--pgd-steps", "-1"], "error: --pgd-steps -1: the objective's sizes"),
+                           (["--preset", "fft-aug", "--pgd-step", "sign"], "error: --pgd-step sign --eps-scale none "
+                            "shape PGD, and --adv none (--preset fft-aug) runs none"),
+                           (["--preset", "rg", "--eps-scale", "std"], "--adv rg (--preset rg) runs none"),
                            (["--out", str(a_file)], f"error: --out {a_file}: {a_file} is a file"),
                            (["--out", str(a_file / "run")], f"error: --out {a_file / 'run'}: {a_file} is a file")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
