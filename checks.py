@@ -34,7 +34,25 @@ def flags(args):
                 f"adapters (at 0 or below they do nothing or the opposite), and dropout is a probability below 1")
     if args.max_steps is None and args.epochs <= 0:
         return f"error: --epochs {args.epochs:g} trains nothing: pass a positive number (or --max-steps)"
-    return method(args)
+    return method(args) or optimisation(args)
+
+
+def optimisation(args):
+    """The line refusing a data mix or an optimiser setting outside its range (a negative --grad-clip flips every
+    gradient: torch's clip_grad_norm_ scales by it), or None."""
+    r, t = args.ratio_image, args.ratio_text
+    if not (0 <= r <= 1 and 0 <= t <= 1 and r + t <= 1 + 1e-9):  # (1e-9: 0.7 + 0.3 in floats)
+        return (f"error: --ratio-image {r:g} --ratio-text {t:g}: shares of a step's originals, each 0 to 1 and "
+                f"together at most 1 (VQA takes the rest)")
+    inf = float("inf")
+    rules = {"--lr": 0 < args.lr < inf, "--min-lr": 0 <= args.min_lr <= args.lr, "--warmup": 0 <= args.warmup <= 1,
+             "--grad-clip": args.grad_clip > 0, "--weight-decay": 0 <= args.weight_decay < inf,
+             "--adam-eps": 0 < args.adam_eps < inf}
+    bad = [f"{flag} {getattr(args, flag[2:].replace('-', '_')):g}" for flag, ok in rules.items() if not ok]
+    if bad:
+        return (f"error: {' '.join(bad)}: lr above 0, min-lr 0 to lr, warmup a share 0 to 1, grad-clip above 0 "
+                f"(inf: no clipping), weight decay 0 or more, adam-eps above 0")
+    return None
 
 
 def method(args):

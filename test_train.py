@@ -338,6 +338,11 @@ def test_bad_flags_and_an_out_that_is_a_file_fail_in_one_line_before_the_model_l
                            (["--preset", "fft-aug", "--pgd-step", "sign"], "error: --pgd-step sign --eps-scale none "
                             "shape PGD, and --adv none (--preset fft-aug) runs none"),
                            (["--preset", "rg", "--eps-scale", "std"], "--adv rg (--preset rg) runs none"),
+                           (["--ratio-image", "0.8", "--ratio-text", "0.5"], "error: --ratio-image 0.8 --ratio-text "
+                            "0.5: shares of a step's originals, each 0 to 1 and together at most 1"),
+                           (["--ratio-text", "-0.1"], "error: --ratio-image 0.25 --ratio-text -0.1: shares"),
+                           (["--grad-clip", "-1", "--min-lr", "1"], "error: --min-lr 1 --grad-clip -1: lr above 0"),
+                           (["--lr", "0", "--warmup", "2"], "error: --lr 0 --warmup 2: lr above 0"),
                            (["--out", str(a_file)], f"error: --out {a_file}: {a_file} is a file"),
                            (["--out", str(a_file / "run")], f"error: --out {a_file / 'run'}: {a_file} is a file")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
