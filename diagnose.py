@@ -253,6 +253,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     paths = args.predictions
     problem = charts.problem(args.chart, args.chart_kind, args.relative)
+    if args.n_boot < 1:
+        problem = f"--n-boot {args.n_boot}: the interval needs at least 1 bootstrap resample (1000 by default)"
     if problem:  # before any diagnosis.json is written
         p.error(problem)
     if args.model:

@@ -27,13 +27,23 @@ def test_toy_stage_cut_during_export_is_not_done(tmp_path):
     assert toy.done(toy.finish(str(stage)))
 
 
-def test_toy_refuses_flags_it_would_ignore_and_runs_a_preset_named_twice_once(capsys):
+def test_toy_refuses_flags_it_would_ignore_or_out_of_range_and_runs_a_preset_named_twice_once(capsys, tmp_path):
     with pytest.raises(SystemExit):
         toy.parse(["--presets", "ours-sign"])  # without --ablation the quick start would train `ours` alone
     assert "--presets chooses the presets of --ablation" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         toy.parse(["--smoke", "--ablation"])
     assert "--smoke and --ablation are two runs" in capsys.readouterr().err
+    for bad in (["--caption-rate", "1.5"], ["--finetune-steps", "0"], ["--n-test", "0"]):
+        with pytest.raises(SystemExit):  # the world would be another than asked, or train nothing
+            toy.parse(bad)
+        assert "--caption-rate is a share (0 to 1)" in capsys.readouterr().err
+    import subprocess
+    import sys
+    prepare = os.path.join(os.path.dirname(toy.__file__), "data", "toy", "prepare.py")
+    run = subprocess.run([sys.executable, prepare, "--caption-rate", "2", "--out", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "--caption-rate and --true-caption are shares (0 to 1)" in run.stderr
     assert toy.parse(["--ablation", "--presets", "ours", "fft-aug", "ours"]).presets == ["ours", "fft-aug"]
     assert toy.parse(["--ablation"]).presets == list(toy.PRESETS) and toy.parse([]).presets == list(toy.PRESETS)
 
@@ -216,7 +226,7 @@ def test_train_refuses_vqa_only_data_for_a_preset_with_twins_and_ids_given_twice
     _train(run + ["--data", str(vqa), "--preset", "fft-vqa", "--batch-size", "1"], monkeypatch)  # that one trains
 
 
-def test_diagnose_refuses_a_chart_path_it_cannot_write_before_writing_anything(tmp_path):
+def test_diagnose_refuses_a_chart_path_it_cannot_write_or_no_resamples_before_writing_anything(tmp_path, capsys):
     import diagnose
     preds = tmp_path / "predictions.jsonl"
     preds.write_text(json.dumps(dict(id="a", task="text_heavy", source="s", intervention="orig", probs=[0.6, 0.4],
@@ -225,6 +235,10 @@ def test_diagnose_refuses_a_chart_path_it_cannot_write_before_writing_anything(t
         with pytest.raises(SystemExit):
             diagnose.main(["--chart", str(tmp_path / chart) if chart != str(tmp_path) else chart, str(preds)])
         assert not (tmp_path / "diagnosis.json").exists()
+    with pytest.raises(SystemExit):  # no resample: numpy's quantile of nothing was a traceback
+        diagnose.main(["--n-boot", "0", str(preds)])
+    assert "--n-boot 0: the interval needs at least 1 bootstrap resample" in capsys.readouterr().err
+    assert not (tmp_path / "diagnosis.json").exists()
     assert diagnose.main([str(preds)]) is None and (tmp_path / "diagnosis.json").exists()
 
 

@@ -332,6 +332,8 @@ def parse(argv):
         p.error("--presets chooses the presets of --ablation; the quick start trains `ours` (add --ablation)")
     if a.smoke and a.ablation:
         p.error("--smoke and --ablation are two runs: pick one")
+    if not 0 <= a.caption_rate <= 1 or min(a.n_train, a.n_test, a.vanilla_steps, a.finetune_steps) < 1:
+        p.error("--caption-rate is a share (0 to 1); --n-train, --n-test and the step counts are at least 1")
     a.presets = list(dict.fromkeys(a.presets or PRESETS))  # a preset named twice runs once
     return a
 

@@ -112,6 +112,8 @@ def main(argv=None):
     p.add_argument("--caption-rate", type=float, default=0.8, help="share of train image questions with a caption")
     p.add_argument("--true-caption", type=float, default=1.0, help="how often a train caption is true")
     args = p.parse_args(argv)
+    if not (0 <= args.caption_rate <= 1 and 0 <= args.true_caption <= 1) or min(args.n_train, args.n_test) < 1:
+        p.error("--caption-rate and --true-caption are shares (0 to 1); --n-train and --n-test at least 1")
     rng = random.Random(args.seed)
     train = make("train", args.n_train, rng, args.out, args.caption_rate, args.true_caption)
     test = make("test", args.n_test, rng, args.out, 0.0, 1.0)  # clean image questions: MD brings the lie
