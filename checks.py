@@ -7,6 +7,7 @@ import re
 from PIL import Image
 
 import checkpoint
+import dataloader
 import model as M
 import paper
 import perturb
@@ -41,7 +42,8 @@ def optimisation(args):
     """The line refusing a data mix or an optimiser setting outside its range (a negative --grad-clip flips every
     gradient: torch's clip_grad_norm_ scales by it), or None."""
     r, t = args.ratio_image, args.ratio_text
-    if not (0 <= r <= 1 and 0 <= t <= 1 and r + t <= 1 + 1e-9):  # (1e-9: 0.7 + 0.3 in floats)
+    shares = dataloader.ratios(args) if 0 <= r <= 1 and 0 <= t <= 1 else None  # the schedule's exact fractions
+    if shares is None or shares["image_heavy"] + shares["text_heavy"] > 1:
         return (f"error: --ratio-image {r:g} --ratio-text {t:g}: shares of a step's originals, each 0 to 1 and "
                 f"together at most 1 (VQA takes the rest)")
     inf = float("inf")
@@ -58,12 +60,12 @@ def optimisation(args):
 def method(args):
     """The line refusing a size of the objective that would train something else than asked (a negative eps or alpha
     descends, a negative lambda pushes the answers apart, tau 0 divides by 0), or a PGD flag the preset never uses."""
-    sizes = dict(eps=args.eps, alpha=args.alpha, sigma=args.sigma, lambda_cons=args.lambda_cons, tau=args.tau)
+    sizes = dict(eps=args.eps, alpha=args.alpha, sigma=args.sigma, lambda_cons=args.lambda_cons, tau=args.tau,
+                 pgd_steps=args.pgd_steps)
     bad = [f"--{k.replace('_', '-')} {v:g}" for k, v in sizes.items()
            if not 0 <= v < float("inf") or (k == "tau" and v == 0)]
-    if bad or args.pgd_steps < 0:
-        return (f"error: {' '.join(bad + [f'--pgd-steps {args.pgd_steps}'] * (args.pgd_steps < 0))}: the objective's "
-                f"sizes must be finite and at least 0, tau above 0")
+    if bad:
+        return f"error: {' '.join(bad)}: the objective's sizes must be finite and at least 0, tau above 0"
     if args.adv != "pgd" and (args.pgd_step != "raw" or args.eps_scale != "none"):
         return (f"error: --pgd-step {args.pgd_step} --eps-scale {args.eps_scale} shape PGD, and --adv {args.adv} "
                 f"(--preset {args.preset}) runs none: drop them, or pick a preset with PGD (pgd, ours)")
